@@ -1,0 +1,28 @@
+# Each target sets up everything it needs on a fresh machine: a venv, then the pinned-from-disk torch.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/objcrop demo --out demo_report
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+	$(BIN)/ruff check objcrop tests benchmarks
+
+lint: $(STAMP)
+	$(BIN)/ruff check objcrop tests benchmarks
+	$(BIN)/ruff format --check objcrop tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo_report build *.egg-info

@@ -1,0 +1,222 @@
+"""View-pair policies: where the two views of a sample come from.
+
+A policy is pure geometry. Given an image size, that image's proposals (best first) and a
+random generator, it returns two crop boxes and their view kinds. It never touches pixels, so
+training, ``objcrop show`` and ``objcrop analyze coverage`` all run the same code.
+
+Each policy first chooses two *regions* (the whole image, a proposal, the proposal dilated or
+shifted), then samples a RandomResizedCrop box inside each region.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from objcrop import boxes as B
+
+__all__ = [
+    "VIEW_KINDS",
+    "KIND_CODES",
+    "POLICIES",
+    "ViewPair",
+    "ViewPairPolicy",
+    "make_policy",
+    "random_resized_crop_box",
+]
+
+VIEW_KINDS = ("object", "dilated", "shifted", "scene")
+KIND_CODES = {k: i for i, k in enumerate(VIEW_KINDS)}
+
+# name -> (region of view 1, region of view 2). "object" regions are proposals, "dilated" and
+# "shifted" regions are derived from the same proposal, "scene" is the whole image.
+POLICIES: dict[str, tuple[str, str]] = {
+    "scene-scene": ("scene", "scene"),
+    "obj-scene": ("object", "scene"),
+    "obj-obj-dilate": ("object", "dilated"),
+    "obj-obj-shift": ("object", "shifted"),
+    "dilate-dilate": ("dilated", "dilated"),
+    "obj-obj": ("object", "object"),
+}
+
+
+@dataclass(frozen=True)
+class ViewPair:
+    """The geometry of one sample.
+
+    Attributes:
+        regions: Float32 ``[2, 4]`` xyxy regions the crops were sampled in.
+        crops: Float32 ``[2, 4]`` xyxy crop boxes; the views are these boxes resized.
+        kinds: View kind of each crop, from :data:`VIEW_KINDS`.
+        fallback: True when the policy wanted a proposal but the image had none usable, so
+            both views became scene crops.
+    """
+
+    regions: np.ndarray
+    crops: np.ndarray
+    kinds: tuple[str, str]
+    fallback: bool = False
+
+
+def random_resized_crop_box(
+    region: np.ndarray,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    rng: np.random.Generator,
+    attempts: int = 10,
+) -> np.ndarray:
+    """Samples a RandomResizedCrop box inside ``region`` (xyxy), like torchvision's ``get_params``.
+
+    The crop covers a fraction of the region's area drawn from ``scale`` with an aspect ratio
+    drawn log-uniformly from ``ratio``. After ``attempts`` misses it falls back to the largest
+    centred crop whose ratio lies in ``ratio``.
+    """
+    x1, y1, x2, y2 = (float(v) for v in region)
+    rw, rh = x2 - x1, y2 - y1
+    region_area = rw * rh
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    areas = region_area * rng.uniform(scale[0], scale[1], size=attempts)
+    ratios = np.exp(rng.uniform(log_lo, log_hi, size=attempts))
+    ws = np.sqrt(areas * ratios)
+    hs = np.sqrt(areas / ratios)
+    fits = np.flatnonzero((ws > 0) & (ws <= rw) & (hs > 0) & (hs <= rh))
+    if len(fits):
+        w, h = ws[fits[0]], hs[fits[0]]
+        cx = x1 + rng.uniform(0, rw - w)
+        cy = y1 + rng.uniform(0, rh - h)
+        return np.array([cx, cy, cx + w, cy + h], dtype=np.float32)
+    in_ratio = rw / rh if rh > 0 else 1.0
+    if in_ratio < ratio[0]:
+        w, h = rw, rw / ratio[0]
+    elif in_ratio > ratio[1]:
+        h, w = rh, rh * ratio[1]
+    else:
+        w, h = rw, rh
+    cx, cy = x1 + (rw - w) / 2, y1 + (rh - h) / 2
+    return np.array([cx, cy, cx + w, cy + h], dtype=np.float32)
+
+
+class ViewPairPolicy:
+    """Chooses the two crop boxes of a sample, as in Mishra et al., "Object-Aware Cropping".
+
+    Args:
+        name: One of :data:`POLICIES`.
+        delta: Dilation as a fraction of the image size (``dilated`` regions).
+        shift_radius: Range in pixels of the shift of ``shifted`` regions.
+        topk: The object region is one of the first ``topk`` usable proposals, uniformly.
+        scene_scale: RandomResizedCrop area range for scene regions (MoCo-v2: 0.2-1).
+        object_scale: RandomResizedCrop area range for object/dilated/shifted regions. ``None``
+            picks, per region, the lower bound that makes the smallest object crop as large as
+            the smallest scene crop (``scene_scale[0] * image area``), capped at 1.
+        scene_ratio: Aspect-ratio range of scene crops.
+        object_ratio: Aspect-ratio range of object crops (defaults to ``scene_ratio``).
+        min_box_size: Proposals with a side below this grow around their centre to this size
+            (the paper's appendix G uses the crop size, 224). 0 disables it.
+        min_proposal_size: Proposals with a side below this many pixels are unusable.
+        swap: Swap the two views (and their kinds) with probability 0.5.
+    """
+
+    def __init__(
+        self,
+        name: str = "obj-obj-dilate",
+        delta: float = 0.1,
+        shift_radius: tuple[float, float] = (80.0, 100.0),
+        topk: int = 10,
+        scene_scale: tuple[float, float] = (0.2, 1.0),
+        object_scale: tuple[float, float] | None = None,
+        scene_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        object_ratio: tuple[float, float] | None = None,
+        min_box_size: float = 0.0,
+        min_proposal_size: float = 2.0,
+        swap: bool = True,
+    ) -> None:
+        if name not in POLICIES:
+            raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
+        if delta < 0:
+            raise ValueError(f"delta must be >= 0, got {delta}")
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        for label, rng_ in (("scene_scale", scene_scale), ("object_scale", object_scale)):
+            if rng_ is not None and not (0 < rng_[0] <= rng_[1] <= 1):
+                raise ValueError(f"{label} must satisfy 0 < lo <= hi <= 1, got {rng_}")
+        self.name = name
+        self.region_kinds = POLICIES[name]
+        self.delta = 0.0 if name == "obj-obj" else float(delta)
+        self.shift_radius = (float(shift_radius[0]), float(shift_radius[1]))
+        self.topk = int(topk)
+        self.scene_scale = (float(scene_scale[0]), float(scene_scale[1]))
+        self.object_scale = None if object_scale is None else (float(object_scale[0]), float(object_scale[1]))
+        self.scene_ratio = (float(scene_ratio[0]), float(scene_ratio[1]))
+        self.object_ratio = self.scene_ratio if object_ratio is None else (float(object_ratio[0]), float(object_ratio[1]))
+        self.min_box_size = float(min_box_size)
+        self.min_proposal_size = float(min_proposal_size)
+        self.swap = swap
+
+    @property
+    def uses_proposals(self) -> bool:
+        return any(k != "scene" for k in self.region_kinds)
+
+    def __repr__(self) -> str:
+        return (
+            f"ViewPairPolicy({self.name!r}, delta={self.delta}, topk={self.topk}, "
+            f"scene_scale={self.scene_scale}, object_scale={self.object_scale or 'auto'})"
+        )
+
+    def usable_proposals(self, proposals, width: float, height: float) -> np.ndarray:
+        """The first ``topk`` proposals that survive clipping and the size filter."""
+        kept, _ = B.sanitize(proposals, width, height, self.min_proposal_size)
+        kept = kept[: self.topk]
+        if self.min_box_size > 0 and len(kept):
+            kept = B.expand_to_min_size(kept, self.min_box_size, width, height)
+        return kept
+
+    def _object_scale(self, region: np.ndarray, width: float, height: float) -> tuple[float, float]:
+        if self.object_scale is not None:
+            return self.object_scale
+        region_area = float(B.area(region)[0])
+        lo = min(1.0, self.scene_scale[0] * width * height / max(region_area, 1e-6))
+        return (lo, 1.0)
+
+    def sample(self, width: float, height: float, proposals, rng: np.random.Generator) -> ViewPair:
+        """Samples the two crop boxes for an image of ``width x height`` with ``proposals``
+        (``[N, 4]`` xyxy, best first)."""
+        scene = np.array([0, 0, width, height], dtype=np.float32)
+        kinds = self.region_kinds
+        fallback = False
+        box = None
+        if self.uses_proposals:
+            usable = self.usable_proposals(proposals, width, height)
+            if len(usable):
+                box = usable[rng.integers(len(usable))]
+            else:
+                kinds, fallback = ("scene", "scene"), True
+
+        regions, crops = [], []
+        for kind in kinds:
+            if kind == "scene":
+                region = scene
+            elif kind == "object":
+                region = box
+            elif kind == "dilated":
+                region = B.dilate(box, self.delta, width, height)[0]
+            else:
+                region = B.shift(box, self.shift_radius, width, height, rng)[0]
+            if kind == "scene":
+                crop = random_resized_crop_box(region, self.scene_scale, self.scene_ratio, rng)
+            else:
+                crop = random_resized_crop_box(region, self._object_scale(region, width, height), self.object_ratio, rng)
+            regions.append(region)
+            crops.append(crop)
+
+        if self.swap and rng.random() < 0.5:
+            regions.reverse()
+            crops.reverse()
+            kinds = (kinds[1], kinds[0])
+        return ViewPair(np.stack(regions), np.stack(crops), tuple(kinds), fallback)
+
+
+def make_policy(name: str, **kwargs) -> ViewPairPolicy:
+    """Builds a policy by its paper name; keyword arguments go to :class:`ViewPairPolicy`."""
+    return ViewPairPolicy(name, **kwargs)
