@@ -1,0 +1,83 @@
+"""Small matplotlib helpers shared by the reports: line curves and bar charts written as PNG."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["save_png", "plot_curves", "plot_bars"]
+
+
+def save_png(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Saves ``fig`` as PNG atomically (temp file + rename) and closes it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def plot_curves(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | os.PathLike,
+    xlabel: str = "",
+    ylabel: str = "",
+    title: str = "",
+    logx: bool = False,
+) -> Path:
+    """One line per ``name -> (x, y)``."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (x, y) in curves.items():
+        ax.plot(x, y, label=name, linewidth=1.5)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend()
+    return save_png(fig, path)
+
+
+def plot_bars(
+    values: Mapping[str, float],
+    path: str | os.PathLike,
+    errors: Mapping[str, tuple[float, float]] | None = None,
+    ylabel: str = "",
+    title: str = "",
+    reference: float | None = None,
+) -> Path:
+    """A bar per ``name -> value``, with optional ``(lo, hi)`` intervals and a dashed reference line."""
+    names = list(values)
+    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(names)), 4))
+    heights = [values[n] for n in names]
+    yerr = None
+    if errors:
+        yerr = [[values[n] - errors[n][0] for n in names], [errors[n][1] - values[n] for n in names]]
+    ax.bar(names, heights, yerr=yerr, capsize=4, color="#4C72B0")
+    for i, h in enumerate(heights):
+        ax.text(i, h, f"{h:.1f}", ha="center", va="bottom", fontsize=9)
+    if reference is not None:
+        ax.axhline(reference, color="gray", linestyle="--", linewidth=1, label="chance")
+        ax.legend()
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.tick_params(axis="x", rotation=20)
+    return save_png(fig, path)

@@ -1,0 +1,60 @@
+"""``objcrop pretrain``: self-supervised pretraining from a YAML config (single process or torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pretrain",
+        help="pretrain a backbone with MoCo-v2, BYOL or DenseCL and any crop policy",
+        description=(
+            "Pretrains a backbone. Single process: 'objcrop pretrain --config C.yaml'. Several GPUs or nodes: "
+            "'torchrun --nproc_per_node 8 -m objcrop pretrain --config C.yaml'. Resumes from the newest "
+            "checkpoint in train.out unless --no-resume."
+        ),
+    )
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.lr=0.06 (repeatable)")
+    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in train.out")
+    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from objcrop.ssl.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.check:
+        print(json.dumps(config, indent=2))
+        return 0
+    from objcrop.ssl.trainer import NonFiniteLossError, pretrain
+
+    try:
+        result = pretrain(config, resume=not args.no_resume)
+    except NonFiniteLossError as err:
+        print(f"objcrop pretrain: {err}", file=sys.stderr)
+        return 3
+    summary = {
+        "steps": result.steps,
+        "epochs": result.epochs,
+        "final_loss": result.final_loss,
+        "img_per_s": round(result.images_per_second, 2),
+        "checkpoint": result.checkpoint,
+        "skipped_images": result.skipped_images,
+        "fallbacks": result.fallbacks,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"trained {result.steps} steps ({result.epochs} epochs) at {result.images_per_second:.1f} img/s, "
+            f"final loss {result.final_loss:.4f}; checkpoint {result.checkpoint}; "
+            f"{result.skipped_images} unreadable images skipped, {result.fallbacks} scene fallbacks"
+        )
+    return 0

@@ -1,0 +1,86 @@
+"""Atomic checkpoints that keep the last k, and loading that falls back past a damaged file."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CheckpointError", "Checkpointer", "atomic_torch_save", "load_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated or not a checkpoint."""
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Loads a checkpoint with ``weights_only=True``; any failure becomes a :class:`CheckpointError`
+    that names the file."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError as err:
+        raise CheckpointError(f"checkpoint not found: {path}") from err
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"checkpoint {path} is damaged or not a checkpoint: {type(err).__name__}: {err}") from err
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise CheckpointError(f"checkpoint {path} lacks the 'model' and 'step' entries of an objcrop checkpoint")
+    return state
+
+
+class Checkpointer:
+    """Writes ``ckpt-<step>.pt`` files atomically in ``folder`` and keeps the newest ``keep_last``."""
+
+    def __init__(self, folder: str | os.PathLike, keep_last: int = 3) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.folder = Path(folder)
+        self.keep_last = keep_last
+
+    def paths(self) -> list[Path]:
+        """Checkpoint files, oldest first."""
+        if not self.folder.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := _NAME.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def save(self, state: dict[str, Any], step: int) -> Path:
+        path = self.folder / f"ckpt-{step:08d}.pt"
+        atomic_torch_save(state, path)
+        for old in self.paths()[: -self.keep_last]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path] | None:
+        """The newest checkpoint that loads; damaged ones are reported and skipped. ``None`` if there is none."""
+        for path in reversed(self.paths()):
+            try:
+                return load_checkpoint(path, map_location), path
+            except CheckpointError as err:
+                logger.error("%s; falling back to the previous checkpoint", err)
+        return None

@@ -1,0 +1,231 @@
+"""Pretraining configuration: YAML files with dotted ``--set key=value`` overrides, checked before training.
+
+A config has five sections. Every key is known in advance, so a typo fails at once with the
+offending key's name, before any data is read:
+
+* ``data``: the dataset (``format``, ``annotations``, ``images``, ...) and ``proposals``
+  (``gt`` or a store folder);
+* ``crops``: the view-pair policy and the view size / augmentation preset;
+* ``method``: ``name`` (``moco``, ``byol``, ``densecl``) plus the keyword arguments of that
+  method's constructor (checked against its signature);
+* ``optim``: optimizer, learning rate, schedule, batch size, epochs;
+* ``train``: devices, precision, workers, checkpoints, logging.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "DEFAULTS", "load_config", "apply_overrides", "validate_config", "method_class"]
+
+
+class ConfigError(ValueError):
+    """A config names an unknown key, a bad value or a missing file."""
+
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {
+        "format": "coco",
+        "annotations": None,
+        "images": None,
+        "labels_csv": None,
+        "classes_csv": None,
+        "proposals": "gt",
+    },
+    "crops": {
+        "policy": "obj-obj-dilate",
+        "delta": 0.1,
+        "shift_radius": [80.0, 100.0],
+        "topk": 10,
+        "scene_scale": [0.2, 1.0],
+        "object_scale": None,
+        "scene_ratio": [0.75, 1.3333333333333333],
+        "object_ratio": None,
+        "min_box_size": 0.0,
+        "size": 224,
+        "augment": "moco-v2",
+    },
+    "method": {"name": "moco"},
+    "optim": {
+        "name": "sgd",
+        "lr": 0.03,
+        "lr_reference_batch": 256,
+        "weight_decay": 1e-4,
+        "momentum": 0.9,
+        "warmup_epochs": 0.0,
+        "batch_size": 256,
+        "epochs": 200,
+        "max_steps": None,
+        "final_lr_factor": 0.0,
+        "trust_coefficient": 0.001,
+    },
+    "train": {
+        "out": "runs/pretrain",
+        "device": "auto",
+        "precision": "auto",
+        "channels_last": True,
+        "workers": 8,
+        "seed": 0,
+        "deterministic": False,
+        "threads": None,
+        "checkpoint_every_steps": 1000,
+        "keep_last": 3,
+        "log_every_steps": 10,
+        "tensorboard": True,
+        "progress": True,
+    },
+}
+
+CHOICES = {
+    "crops.policy": ("scene-scene", "obj-scene", "obj-obj-dilate", "obj-obj-shift", "dilate-dilate", "obj-obj"),
+    "crops.augment": ("moco-v2", "byol"),
+    "method.name": ("moco", "byol", "densecl"),
+    "optim.name": ("sgd", "lars"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+}
+
+# Keys that name files or folders which must exist before training starts.
+PATH_KEYS = ("data.annotations", "data.images", "data.labels_csv", "data.classes_csv")
+
+
+def method_class(name: str):
+    """The method class behind ``method.name``."""
+    if name == "moco":
+        from objcrop.ssl.moco import MoCoV2
+
+        return MoCoV2
+    if name == "byol":
+        from objcrop.ssl.byol import BYOL
+
+        return BYOL
+    if name == "densecl":
+        from objcrop.ssl.densecl import DenseCL
+
+        return DenseCL
+    raise ConfigError(f"method.name: unknown method {name!r}; choose from {', '.join(CHOICES['method.name'])}")
+
+
+def _merge(base: dict, update: Mapping, prefix: str) -> dict:
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if prefix == "" and key not in DEFAULTS:
+            raise ConfigError(f"{key}: unknown config section; sections are {', '.join(DEFAULTS)}")
+        if prefix == "":
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key}: must be a mapping of keys, got {type(value).__name__}")
+            _merge(base[key], value, f"{key}.")
+        elif dotted.startswith("method.") or key in base:
+            base[key] = value
+        else:
+            raise ConfigError(f"{dotted}: unknown key; known keys in {prefix[:-1]}: {', '.join(base)}")
+    return base
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.06")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
+    """Applies ``section.key=value`` overrides (values parsed as YAML scalars/lists)."""
+    for item in overrides:
+        key, value = _parse_override(item)
+        parts = key.split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"--set {key}: keys are section.key, e.g. optim.lr")
+        _merge(config, {parts[0]: {parts[1]: value}}, "")
+    return config
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> dict:
+    """Reads a YAML config on top of :data:`DEFAULTS`, applies overrides and validates it."""
+    config = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                loaded = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"{path}: a config must be a mapping of sections")
+        _merge(config, loaded, "")
+    apply_overrides(config, overrides)
+    validate_config(config)
+    return config
+
+
+def _pair(config: dict, dotted: str, allow_none: bool = False) -> None:
+    section, key = dotted.split(".")
+    value = config[section][key]
+    if value is None and allow_none:
+        return
+    if not (isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, int | float) for v in value)):
+        raise ConfigError(f"{dotted}: expected a pair of numbers [lo, hi], got {value!r}")
+
+
+def validate_config(config: dict) -> None:
+    """Raises :class:`ConfigError` naming the first offending key."""
+    for dotted, choices in CHOICES.items():
+        section, key = dotted.split(".")
+        if config[section][key] not in choices:
+            raise ConfigError(f"{dotted}: {config[section][key]!r} is not one of {', '.join(choices)}")
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        value = config[section][key]
+        if value is not None and not os.path.exists(value):
+            raise ConfigError(f"{dotted}: file or folder not found: {value}")
+    if config["data"]["images"] is None:
+        raise ConfigError("data.images: required (folder of the training images)")
+    proposals = config["data"]["proposals"]
+    if proposals != "gt" and not os.path.isdir(str(proposals)):
+        raise ConfigError(f"data.proposals: expected 'gt' or a proposal store folder, not found: {proposals}")
+    for dotted in ("crops.shift_radius", "crops.scene_scale", "crops.scene_ratio"):
+        _pair(config, dotted)
+    for dotted in ("crops.object_scale", "crops.object_ratio"):
+        _pair(config, dotted, allow_none=True)
+    positive = {
+        "crops.size": int,
+        "crops.topk": int,
+        "optim.batch_size": int,
+        "optim.epochs": int,
+        "optim.lr": float,
+        "train.checkpoint_every_steps": int,
+        "train.keep_last": int,
+        "train.log_every_steps": int,
+    }
+    for dotted, kind in positive.items():
+        section, key = dotted.split(".")
+        value = config[section][key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"{dotted}: expected a positive number, got {value!r}")
+        if kind is int and int(value) != value:
+            raise ConfigError(f"{dotted}: expected an integer, got {value!r}")
+    if config["crops"]["delta"] < 0:
+        raise ConfigError(f"crops.delta: must be >= 0, got {config['crops']['delta']}")
+    workers = config["train"]["workers"]
+    if not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"train.workers: expected an integer >= 0, got {workers!r}")
+    max_steps = config["optim"]["max_steps"]
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps <= 0):
+        raise ConfigError(f"optim.max_steps: expected a positive integer or null, got {max_steps!r}")
+
+    method = dict(config["method"])
+    cls = method_class(method.pop("name"))
+    params = inspect.signature(cls.__init__).parameters
+    for key in method:
+        if key not in params or key == "self":
+            known = ", ".join(p for p in params if p != "self")
+            raise ConfigError(f"method.{key}: not a parameter of {cls.__name__}; known: {known}")

@@ -1,0 +1,494 @@
+"""The pretraining loop: one process or many under ``torchrun``, on CPU or GPUs.
+
+The method (MoCo-v2, BYOL, DenseCL) owns its networks and its loss; the trainer owns the loop,
+devices, precision, the optimizer and schedule, checkpoints, resumption and logging.
+
+Exact resumption: a checkpoint holds the model (with the key/target encoder and the queues, which
+are module state), optimizer, scheduler, grad scaler, the RNG states of every rank, the epoch and
+the number of batches already consumed in that epoch. The sampler order and every sample's
+augmentation depend only on (seed, epoch, index), so a resumed run sees exactly the batches the
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from objcrop.ssl.checkpoint import Checkpointer
+from objcrop.ssl.config import method_class
+from objcrop.ssl.distributed import DistEnv, all_reduce_flag, init_distributed
+from objcrop.ssl.lars import LARS
+from objcrop.ssl.schedules import warmup_cosine_lambda
+
+__all__ = ["EpochSampler", "NonFiniteLossError", "TrainResult", "Trainer", "pretrain"]
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped without overwriting good checkpoints."""
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffles ``n`` indices with a generator seeded by ``(seed, epoch)``, deals them to the ranks,
+    and can start part-way through an epoch (to resume after ``start`` samples of this rank).
+
+    Every rank gets ``n // world_size`` indices (the remainder is dropped, like DistributedSampler
+    with ``drop_last``), so all ranks run the same number of steps.
+    """
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True) -> None:
+        self.n, self.rank, self.world_size, self.seed, self.shuffle = n, rank, world_size, seed, shuffle
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> np.ndarray:
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        else:
+            order = np.arange(self.n)
+        per_rank = self.n // self.world_size
+        return order[self.rank : per_rank * self.world_size : self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return max(self.n // self.world_size - self.start, 0)
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or resumed and finished) run reports."""
+
+    steps: int
+    epochs: int
+    final_loss: float
+    images_per_second: float
+    out_dir: str
+    checkpoint: str
+    skipped_images: int
+    fallbacks: int
+
+
+def _resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else None
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("train.precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def build_method(config: dict) -> torch.nn.Module:
+    kwargs = dict(config["method"])
+    return method_class(kwargs.pop("name"))(**kwargs)
+
+
+def build_dataset(config: dict, records=None):
+    """The :class:`~objcrop.crops.dataset.ObjectAwareDataset` a config describes."""
+    from objcrop.crops.augment import byol_view_transforms, moco_v2_view_transform
+    from objcrop.crops.dataset import ObjectAwareDataset
+    from objcrop.crops.policies import ViewPairPolicy
+    from objcrop.data.readers import load_records
+    from objcrop.proposals import open_proposals
+
+    data, crops = config["data"], config["crops"]
+    if records is None:
+        records = load_records(
+            data["format"],
+            annotations=data["annotations"],
+            images=data["images"],
+            labels_csv=data["labels_csv"],
+            classes_csv=data["classes_csv"],
+        )
+    store = open_proposals(str(data["proposals"]), records)
+    policy = ViewPairPolicy(
+        crops["policy"],
+        delta=crops["delta"],
+        shift_radius=tuple(crops["shift_radius"]),
+        topk=crops["topk"],
+        scene_scale=tuple(crops["scene_scale"]),
+        object_scale=None if crops["object_scale"] is None else tuple(crops["object_scale"]),
+        scene_ratio=tuple(crops["scene_ratio"]),
+        object_ratio=None if crops["object_ratio"] is None else tuple(crops["object_ratio"]),
+        min_box_size=crops["min_box_size"],
+    )
+    size = int(crops["size"])
+    transform = byol_view_transforms(size) if crops["augment"] == "byol" else moco_v2_view_transform(size)
+    return ObjectAwareDataset(records, store, policy, transform=transform, size=size, seed=config["train"]["seed"])
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "views": [torch.stack([s["views"][v] for s in samples]) for v in range(2)],
+        "kinds": torch.stack([s["kinds"] for s in samples]),
+        "index": torch.tensor([s["index"] for s in samples]),
+        "replaced": sum(int(s["replaced"]) for s in samples),
+        "fallback": sum(int(s.get("fallback", False)) for s in samples),
+    }
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state()[1].astype(np.int64),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "python": json.dumps(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Runs the pretraining a validated config describes (see :mod:`objcrop.ssl.config`)."""
+
+    def __init__(self, config: dict, env: DistEnv | None = None, dataset=None) -> None:
+        self.config = config
+        tcfg, ocfg = config["train"], config["optim"]
+        self.env = env or init_distributed(tcfg["device"])
+        if tcfg["threads"]:
+            torch.set_num_threads(int(tcfg["threads"]))
+        seed = int(tcfg["seed"]) + self.env.rank
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        if tcfg["deterministic"]:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        else:
+            torch.backends.cudnn.benchmark = True
+
+        self.out = Path(tcfg["out"])
+        self.dataset = dataset if dataset is not None else build_dataset(config)
+        world_batch = int(ocfg["batch_size"])
+        if world_batch % self.env.world_size:
+            raise ValueError(f"optim.batch_size {world_batch} is not divisible by {self.env.world_size} processes")
+        self.batch_per_rank = world_batch // self.env.world_size
+        per_rank = len(self.dataset) // self.env.world_size
+        self.steps_per_epoch = per_rank // self.batch_per_rank
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(self.dataset)} images give no full batch of {self.batch_per_rank} per process; "
+                "lower optim.batch_size"
+            )
+        self.epochs = int(ocfg["epochs"])
+        self.total_steps = self.epochs * self.steps_per_epoch
+        if ocfg["max_steps"]:
+            self.total_steps = min(self.total_steps, int(ocfg["max_steps"]))
+
+        self.dtype = _resolve_precision(tcfg["precision"], self.env.device)
+        self.channels_last = bool(tcfg["channels_last"])
+        model = build_method(config)
+        if self.env.distributed and config["method"].get("sync_bn"):
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(self.env.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.method = model
+        if self.env.distributed:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                model,
+                device_ids=[self.env.local_rank] if self.env.device.type == "cuda" else None,
+                find_unused_parameters=bool(config["method"].get("separate_heads", False)),
+                broadcast_buffers=False,
+            )
+        else:
+            self.model = model
+
+        lr = float(ocfg["lr"]) * world_batch / float(ocfg["lr_reference_batch"])
+        params = [p for p in model.parameters() if p.requires_grad]
+        if ocfg["name"] == "lars":
+            self.optimizer = LARS(
+                params,
+                lr=lr,
+                momentum=ocfg["momentum"],
+                weight_decay=ocfg["weight_decay"],
+                trust_coefficient=ocfg["trust_coefficient"],
+            )
+        else:
+            self.optimizer = torch.optim.SGD(params, lr=lr, momentum=ocfg["momentum"], weight_decay=ocfg["weight_decay"])
+        warmup = min(int(round(float(ocfg["warmup_epochs"]) * self.steps_per_epoch)), self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine_lambda(self.total_steps, warmup, float(ocfg["final_lr_factor"]))
+        )
+        self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.dtype == torch.float16)
+        self.sampler = EpochSampler(len(self.dataset), self.env.rank, self.env.world_size, seed=int(tcfg["seed"]))
+        self.checkpointer = Checkpointer(self.out / "checkpoints", keep_last=int(tcfg["keep_last"]))
+        self.step = 0
+        self.epoch = 0
+        self.batches_done_in_epoch = 0
+        self.skipped = 0
+        self.fallbacks = 0
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        rng = _rng_state()
+        if self.env.distributed:
+            gathered: list[Any] = [None] * self.env.world_size
+            dist.all_gather_object(gathered, rng)
+        else:
+            gathered = [rng]
+        return {
+            "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": gathered,
+            "step": self.step,
+            "epoch": self.epoch,
+            "batches_done_in_epoch": self.batches_done_in_epoch,
+            "world_size": self.env.world_size,
+            "skipped": self.skipped,
+            "fallbacks": self.fallbacks,
+            "config": json.dumps(self.config),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["world_size"] != self.env.world_size:
+            raise ValueError(
+                f"checkpoint was written by {state['world_size']} processes, this run has {self.env.world_size}; "
+                "exact resumption needs the same number"
+            )
+        self.method.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"][self.env.rank])
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.batches_done_in_epoch = int(state["batches_done_in_epoch"])
+        self.skipped = int(state["skipped"])
+        self.fallbacks = int(state["fallbacks"])
+
+    def save_checkpoint(self) -> Path | None:
+        state = self.state_dict()  # collective under DDP: every rank takes part
+        if not self.env.is_main:
+            return None
+        return self.checkpointer.save(state, self.step)
+
+    def resume(self) -> Path | None:
+        found = self.checkpointer.load_latest(map_location=self.env.device)
+        if found is None:
+            return None
+        state, path = found
+        self.load_state_dict(state)
+        if self.env.is_main:
+            logger.info("resumed from %s (step %d, epoch %d)", path, self.step, self.epoch)
+        return path
+
+    # -- loop ----------------------------------------------------------------------------------
+    def _loader(self) -> DataLoader:
+        workers = int(self.config["train"]["workers"])
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_per_rank,
+            sampler=self.sampler,
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=self.env.device.type == "cuda",
+            drop_last=True,
+            persistent_workers=False,
+            prefetch_factor=4 if workers else None,
+        )
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        views = [v.to(self.env.device, non_blocking=True, memory_format=fmt) for v in batch["views"]]
+        return {"views": views, "kinds": batch["kinds"].to(self.env.device, non_blocking=True)}
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        self.model.train()
+        with torch.autocast(self.env.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            out = self.model(self._to_device(batch))
+        loss = out["loss"]
+        if all_reduce_flag(not bool(torch.isfinite(loss.detach()).item()), self.env):
+            kept = self.checkpointer.paths()
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at step {self.step} (epoch {self.epoch}); stopping. "
+                f"Last good checkpoint: {kept[-1] if kept else 'none'}. Lower optim.lr or use train.precision=fp32."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        extra = self.method.after_optimizer_step(self.step, self.total_steps)
+        stats = {k: float(v.detach().float().item()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+        stats.update({k: float(v) for k, v in extra.items()})
+        stats["lr"] = self.optimizer.param_groups[0]["lr"]
+        return stats
+
+    def fit(self, resume: bool = True) -> TrainResult:
+        if resume:
+            self.resume()
+        logs = _Logs(self.out, self.env.is_main, self.config["train"]["tensorboard"], resume_step=self.step)
+        log_every = int(self.config["train"]["log_every_steps"])
+        ckpt_every = int(self.config["train"]["checkpoint_every_steps"])
+        progress = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            disable=not (self.env.is_main and self.config["train"]["progress"]),
+            unit="step",
+            dynamic_ncols=True,
+        )
+        last_loss = float("nan")
+        images = 0
+        t0 = time.perf_counter()
+        try:
+            while self.step < self.total_steps and self.epoch < self.epochs:
+                self.sampler.set_epoch(self.epoch, start=self.batches_done_in_epoch * self.batch_per_rank)
+                if hasattr(self.dataset, "set_epoch"):
+                    self.dataset.set_epoch(self.epoch)
+                for batch in self._loader():
+                    stats = self.train_step(batch)
+                    self.step += 1
+                    self.batches_done_in_epoch += 1
+                    self.skipped += batch["replaced"]
+                    self.fallbacks += batch["fallback"]
+                    images += self.batch_per_rank * self.env.world_size
+                    last_loss = stats["loss"]
+                    rate = images / max(time.perf_counter() - t0, 1e-9)
+                    stats.update({"img_per_s": rate, "epoch": self.epoch})
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{stats['lr']:.3g}", img_s=f"{rate:.1f}")
+                    if self.step % log_every == 0 or self.step == self.total_steps:
+                        logs.write(self.step, stats)
+                    done = self.step >= self.total_steps
+                    if self.batches_done_in_epoch >= self.steps_per_epoch:
+                        self.epoch += 1
+                        self.batches_done_in_epoch = 0
+                        self.save_checkpoint()
+                    elif self.step % ckpt_every == 0 or done:
+                        self.save_checkpoint()
+                    if done:
+                        break
+        finally:
+            progress.close()
+            logs.close()
+        elapsed = time.perf_counter() - t0
+        final = self.checkpointer.paths()
+        result = TrainResult(
+            steps=self.step,
+            epochs=self.epoch,
+            final_loss=last_loss,
+            images_per_second=images / elapsed if elapsed > 0 else 0.0,
+            out_dir=str(self.out),
+            checkpoint=str(final[-1]) if final else "",
+            skipped_images=self.skipped,
+            fallbacks=self.fallbacks,
+        )
+        if self.env.is_main:
+            logs.plot_loss(self.out / "loss.png")
+        return result
+
+
+class _Logs:
+    """CSV (always) and TensorBoard (when installed and enabled) logs, written by rank 0 only."""
+
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool, resume_step: int) -> None:
+        self.enabled = enabled
+        self.path = out / "log.csv"
+        self.writer = None
+        self.fields: list[str] | None = None
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # keep the rows up to the resumed step: the rest is recomputed
+            with open(self.path, newline="", encoding="utf-8") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+            self.fields = list(rows[0].keys()) if rows else None
+            _rewrite_csv(self.path, rows, self.fields)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                logger.warning("tensorboard is not installed; writing the CSV log only")
+            else:
+                self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, step: int, stats: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in stats.items()}}
+        if self.fields is None:
+            self.fields = list(row)
+            _rewrite_csv(self.path, [], self.fields)
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
+            csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore").writerow(row)
+        if self.writer is not None:
+            for key, value in stats.items():
+                self.writer.add_scalar(f"train/{key}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def plot_loss(self, png: Path) -> None:
+        if not self.path.exists():
+            return
+        from objcrop.analysis.plots import plot_curves
+
+        with open(self.path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        if rows:
+            steps = [int(r["step"]) for r in rows]
+            plot_curves({"loss": (steps, [float(r["loss"]) for r in rows])}, png, xlabel="step", ylabel="loss")
+
+
+def _rewrite_csv(path: Path, rows: list[dict], fields: list[str] | None) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        if fields:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def pretrain(config: dict, resume: bool = True, dataset=None) -> TrainResult:
+    """Trains with ``config`` (resuming from ``train.out`` when checkpoints exist)."""
+    trainer = Trainer(config, dataset=dataset)
+    try:
+        return trainer.fit(resume=resume)
+    finally:
+        if trainer.env.distributed and dist.is_initialized():
+            dist.destroy_process_group()
