@@ -1,0 +1,550 @@
+"""Builds a proposal store by running a proposer over every image of a dataset.
+
+The work is cut into chunks of ``shard_size`` consecutive images. Each finished chunk is written
+atomically to ``out_dir/shards/<start>-<end>.npz``, so a killed build loses at most the chunks in
+flight and a re-run with the same arguments continues where it stopped. Several machines can
+share the chunks (``shard=(i, n)`` takes chunks ``c`` with ``c % n == i``); :func:`merge_store`
+then joins them into the store. A single-machine build merges by itself at the end.
+
+A proposer is any callable ``proposer(image HxWx3 uint8 RGB) -> (boxes float32 [n, 4] xyxy,
+scores float32 [n])``, best first. With ``workers > 1`` it is pickled into worker processes
+(``forkserver``), so it must be picklable: a backend holding an unpicklable handle (an OpenCV
+object, a model) should create it on first call and leave it out of its pickled state. As with
+any ``spawn``/``forkserver`` pool, a script that calls :func:`build_store` with workers needs the
+``if __name__ == "__main__":`` guard.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from objcrop import boxes as B
+from objcrop.data.images import ImageReadError, load_image
+from objcrop.proposals.store import (
+    FORMAT_VERSION,
+    META_FILE,
+    ProposalStore,
+    StaleStoreError,
+    atomic_npy,
+    dataset_fingerprint,
+    mark_incomplete,
+    save_index,
+    save_meta,
+    write_json,
+)
+
+__all__ = [
+    "Proposer",
+    "BuildResult",
+    "BuildAbortedError",
+    "build_store",
+    "merge_store",
+    "propose_image",
+    "finalize_proposals",
+    "decode_for_proposals",
+    "parse_shard",
+]
+
+log = logging.getLogger(__name__)
+
+Proposer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+SHARDS_DIR = "shards"
+BUILD_FILE = "build.json"
+_BATCH = 4  # images per task sent to a worker
+# When the first this-many images of a run all fail, the setup is wrong (wrong image folder, a
+# proposer that always raises) and the build stops instead of writing an empty store.
+ABORT_AFTER_FAILURES = 32
+
+
+class BuildAbortedError(ValueError):
+    """Every image of the first :data:`ABORT_AFTER_FAILURES` failed."""
+
+
+@dataclass
+class BuildResult:
+    """What a :func:`build_store` run did.
+
+    Attributes:
+        images: Images proposed by this run.
+        seconds: Wall time of the proposing.
+        img_per_s: ``images / seconds``.
+        failed: ``(key, reason)`` of every image of this machine's chunks that could not be
+            proposed (they have zero proposals), including chunks written by earlier runs.
+        skipped: Images of chunks that earlier runs had already written.
+        merged: True when the final store was written (single-machine builds).
+        out_dir: The store folder.
+    """
+
+    images: int
+    seconds: float
+    img_per_s: float
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: int = 0
+    merged: bool = False
+    out_dir: str = ""
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """Parses ``"i/n"`` (this machine does chunks ``c % n == i``) into ``(i, n)``."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"shard must look like 'i/n' (e.g. 0/4), got {text!r}") from None
+    return _check_shard((i, n))
+
+
+def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    i, n = int(shard[0]), int(shard[1])
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"shard {i}/{n} is invalid: need 0 <= i < n")
+    return i, n
+
+
+# ---------------------------------------------------------------------- one image
+
+
+def finalize_proposals(
+    boxes,
+    scores,
+    width: int,
+    height: int,
+    topk: int | None,
+    scale: tuple[float, float] = (1.0, 1.0),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Brings a proposer's output into store form: scaled by ``scale`` (decoded pixels to
+    original pixels), clipped to ``width x height``, unusable boxes dropped, the first ``topk``
+    kept. The proposer's order (best first) is kept."""
+    boxes = B.as_boxes(boxes)
+    scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+    if len(scores) != len(boxes):
+        raise ValueError(f"proposer returned {len(boxes)} boxes but {len(scores)} scores")
+    sx, sy = scale
+    if (sx, sy) != (1.0, 1.0):
+        boxes = boxes * np.array([sx, sy, sx, sy], dtype=np.float32)
+    boxes, keep = B.sanitize(boxes, width, height)
+    return boxes[:topk], scores[keep][:topk]
+
+
+def decode_for_proposals(
+    path: str, width: int, height: int, max_side: int | None = None
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Decodes an image for a proposer, optionally reduced so that its longer side is ``max_side``
+    (JPEG draft decoding, then a resize).
+
+    Returns:
+        The HxWx3 uint8 RGB pixels and the ``(sx, sy)`` factors from their coordinates to the
+        original ``width x height`` image.
+
+    Raises:
+        FileNotFoundError, ImageReadError: The image cannot be read.
+        ValueError: The decoded image does not have the dataset's size or aspect ratio.
+    """
+    target = None
+    if max_side is not None and max(width, height) > max_side:
+        # Rounded down: PIL's draft picks scale 1/s only if size // s >= the request in both axes.
+        long = max(width, height)
+        target = (max(1, width * max_side // long), max(1, height * max_side // long))
+    img = load_image(path, draft_size=target)
+    dw, dh = img.size
+    if target is None and (dw, dh) != (width, height):
+        raise ValueError(f"decoded size {dw}x{dh} differs from the dataset's {width}x{height}")
+    if target is not None:
+        if abs(dh - height * dw / width) > 1.0 or dw < target[0] - 1:
+            raise ValueError(f"decoded size {dw}x{dh} does not match the dataset's {width}x{height}")
+        if (dw, dh) != target:
+            img = img.resize(target, Image.Resampling.BILINEAR)
+        dw, dh = target
+    return np.asarray(img), (width / dw, height / dh)
+
+
+def propose_image(
+    proposer: Proposer,
+    path: str,
+    width: int,
+    height: int,
+    topk: int | None = None,
+    decode_max_side: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """Decodes one image, runs the proposer and finalizes its boxes (original pixels).
+
+    Returns:
+        ``(boxes, scores, None)``, or empty arrays and the reason when the image or the proposer
+        failed; one bad image must not end a long build.
+    """
+    empty = np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+    try:
+        image, scale = decode_for_proposals(path, width, height, decode_max_side)
+    except FileNotFoundError:
+        return (*empty, "image file not found")
+    except ImageReadError as err:
+        return (*empty, err.reason)
+    except (OSError, ValueError) as err:
+        return (*empty, str(err))
+    try:
+        boxes, scores = proposer(image)
+        boxes, scores = finalize_proposals(boxes, scores, width, height, topk, scale)
+    except Exception as err:  # a backend crashing on one odd image is logged and counted, see above
+        return (*empty, f"proposer failed: {type(err).__name__}: {err}")
+    return boxes, scores, None
+
+
+# ---------------------------------------------------------------------- chunks
+
+
+def _chunk_bounds(c: int, num_images: int, shard_size: int) -> tuple[int, int]:
+    return c * shard_size, min((c + 1) * shard_size, num_images)
+
+
+def _chunk_name(start: int, end: int) -> str:
+    return f"{start:09d}-{end:09d}.npz"
+
+
+def _write_chunk(path: Path, start: int, results: list[tuple[np.ndarray, np.ndarray, str | None]]) -> None:
+    counts = [len(b) for b, _, _ in results]
+    offsets = np.zeros(len(results) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    failed = [[start + j, reason] for j, (_, _, reason) in enumerate(results) if reason is not None]
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        boxes=np.concatenate([b for b, _, _ in results]).astype(np.float32).reshape(-1, 4),
+        scores=np.concatenate([s for _, s, _ in results]).astype(np.float32),
+        offsets=offsets,
+        failed=np.frombuffer(json.dumps(failed).encode("utf-8"), dtype=np.uint8),
+    )
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getbuffer())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _read_chunk(path: Path, start: int, end: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Loads the arrays ``names`` of a chunk file (only those: npz members load lazily)."""
+    try:
+        with np.load(path, allow_pickle=False) as chunk:
+            arrays = {name: chunk[name] for name in ("offsets", *names)}
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"corrupt chunk {path}: {err}; delete it and re-run 'objcrop propose'") from err
+    if len(arrays["offsets"]) != end - start + 1:
+        raise ValueError(f"corrupt chunk {path}: holds {len(arrays['offsets']) - 1} images, expected {end - start}")
+    return arrays
+
+
+def _chunk_failures(path: Path, start: int, end: int) -> list[tuple[int, str]]:
+    failed = _read_chunk(path, start, end, ("failed",))["failed"]
+    return [(int(i), str(r)) for i, r in json.loads(failed.tobytes().decode("utf-8"))]
+
+
+# ---------------------------------------------------------------------- workers
+
+_WORKER: dict = {}
+
+
+def _init_worker(proposer: Proposer, topk: int | None, decode_max_side: int | None) -> None:
+    # N workers already use the N cores: keep each backend single-threaded.
+    if "cv2" in sys.modules:
+        sys.modules["cv2"].setNumThreads(1)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+    _WORKER.update(proposer=proposer, topk=topk, decode_max_side=decode_max_side)
+
+
+def _work(batch: list[tuple[int, str, int, int]]) -> list[tuple[int, np.ndarray, np.ndarray, str | None]]:
+    proposer, topk, max_side = _WORKER["proposer"], _WORKER["topk"], _WORKER["decode_max_side"]
+    return [(i, *propose_image(proposer, path, w, h, topk, max_side)) for i, path, w, h in batch]
+
+
+def _run(
+    proposer: Proposer,
+    tasks: Iterator[tuple[int, str, int, int]],
+    workers: int,
+    topk: int | None,
+    max_side: int | None,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, str | None]]:
+    """Yields ``(index, boxes, scores, reason)`` for every task, in completion order."""
+    if workers <= 1:
+        for i, path, width, height in tasks:
+            yield (i, *propose_image(proposer, path, width, height, topk, max_side))
+        return
+    # A few small batches in flight per worker: results arrive nearly in order (chunks complete
+    # one after the other) and a crashed worker raises BrokenProcessPool instead of hanging.
+    batches = iter(lambda: list(itertools.islice(tasks, _BATCH)), [])
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])  # workers fork from a server that imported this module once
+    else:
+        ctx = mp.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(proposer, topk, max_side))
+    try:
+        inflight = {pool.submit(_work, b) for b in itertools.islice(batches, 4 * workers)}
+        while inflight:
+            finished, inflight = wait(inflight, return_when=FIRST_COMPLETED)
+            for future in finished:
+                try:
+                    yield from future.result()
+                except BrokenProcessPool as err:
+                    raise BuildAbortedError(
+                        "a worker process died (a crash inside the backend?); finished chunks are kept: "
+                        "re-run to resume, or use one worker to see the error"
+                    ) from err
+                for batch in itertools.islice(batches, 1):
+                    inflight.add(pool.submit(_work, batch))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------- build and merge
+
+
+def _build_config(records, meta: dict, topk: int | None, decode_max_side: int | None, shard_size: int) -> dict:
+    config = {
+        "format_version": FORMAT_VERSION,
+        "backend": meta.get("backend", "unknown"),
+        "params": meta.get("params", {}),
+        "topk": topk,
+        "decode_max_side": decode_max_side,
+        "shard_size": shard_size,
+        "images": len(records),
+        "dataset": dataset_fingerprint(records.keys(), records.widths, records.heights),
+    }
+    return json.loads(json.dumps(config))  # tuples -> lists, as they come back from disk
+
+
+def _config_difference(old: dict, new: dict) -> str:
+    diff = [f"{k} {old.get(k)!r} vs {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ", ".join(diff)
+
+
+def _claim_out_dir(out: Path, config: dict) -> bool:
+    """Checks that ``out`` is empty or holds this very build; returns True when its store is
+    already complete."""
+    meta_path = out / META_FILE
+    if meta_path.exists():
+        with open(meta_path, encoding="utf-8") as f:
+            old = json.load(f).get("build")
+        if old == config:
+            return True
+        raise ValueError(
+            f"{out} already holds a different proposal store ({_config_difference(old or {}, config)}); "
+            "choose another output folder or delete it"
+        )
+    shards = out / SHARDS_DIR
+    shards.mkdir(parents=True, exist_ok=True)
+    build_path = shards / BUILD_FILE
+    if build_path.exists():
+        with open(build_path, encoding="utf-8") as f:
+            old = json.load(f)
+        if old != config:
+            raise ValueError(
+                f"{shards} holds chunks of a different build ({_config_difference(old, config)}); "
+                "use the same arguments to resume, or delete the folder to start over"
+            )
+    else:
+        write_json(build_path, config)
+    return False
+
+
+def build_store(
+    records,
+    proposer: Proposer,
+    out_dir: str | os.PathLike,
+    workers: int = 1,
+    topk: int | None = 1000,
+    shard: tuple[int, int] = (0, 1),
+    shard_size: int = 256,
+    decode_max_side: int | None = None,
+    meta: dict | None = None,
+    progress: bool = True,
+) -> BuildResult:
+    """Runs ``proposer`` over the images of ``records`` and writes the proposal store.
+
+    Args:
+        records: The dataset (:class:`objcrop.data.records.Records`).
+        proposer: ``image -> (boxes, scores)``, best first; picklable when ``workers > 1``.
+        out_dir: Store folder; its ``shards/`` sub-folder holds the finished chunks.
+        workers: Processes running the proposer (1 runs it in this process).
+        topk: Proposals kept per image (all when ``None``).
+        shard: ``(i, n)``: this machine does chunks ``c % n == i`` and, when ``n > 1``, leaves
+            the merge to :func:`merge_store`.
+        shard_size: Images per chunk.
+        decode_max_side: Decode images with their longer side reduced to this many pixels; the
+            stored boxes are still in original pixels.
+        meta: ``{"backend": name, "params": {...}}`` recorded in the store (JSON-serializable).
+        progress: Show a tqdm bar.
+
+    Returns:
+        A :class:`BuildResult`.
+
+    Raises:
+        ValueError: ``out_dir`` holds another build, a chunk is corrupt, or
+            :class:`BuildAbortedError` when every one of the first images failed.
+    """
+    index, count = _check_shard(shard)
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if topk is not None and topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    meta = dict(meta or {"backend": type(proposer).__name__, "params": {}})
+    out = Path(out_dir)
+    config = _build_config(records, meta, topk, decode_max_side, shard_size)
+    if _claim_out_dir(out, config):
+        log.info("%s is already complete", out)
+        store = ProposalStore.open(out, records)
+        failed = [(str(k), str(r)) for k, r in store.meta.get("failed", [])]
+        return BuildResult(0, 0.0, 0.0, failed, skipped=len(records), merged=True, out_dir=str(out))
+
+    shards = out / SHARDS_DIR
+    n = len(records)
+    mine = [c for c in range(-(-n // shard_size)) if c % count == index]
+    todo = [c for c in mine if not (shards / _chunk_name(*_chunk_bounds(c, n, shard_size))).exists()]
+    num_tasks = sum(hi - lo for c in todo for lo, hi in [_chunk_bounds(c, n, shard_size)])
+    tasks = ((i, records.path(i), *records.size(i)) for c in todo for i in range(*_chunk_bounds(c, n, shard_size)))
+    skipped = sum(hi - lo for c in set(mine) - set(todo) for lo, hi in [_chunk_bounds(c, n, shard_size)])
+    if skipped:
+        log.info("resuming: %d images in %d chunks already done", skipped, len(mine) - len(todo))
+
+    pending: dict[int, dict[int, tuple]] = {c: {} for c in todo}
+    done = failures = 0
+    start_time = time.perf_counter()
+    bar = tqdm(total=num_tasks, unit="img", desc=f"propose {meta.get('backend', '')}".strip(), disable=not progress)
+    with bar:
+        for i, boxes, scores, reason in _run(proposer, tasks, workers, topk, decode_max_side):
+            done += 1
+            if reason is not None:
+                failures += 1
+                log.debug("%s: %s", records.key(i), reason)
+                if failures == done == ABORT_AFTER_FAILURES:
+                    raise BuildAbortedError(
+                        f"the first {done} images all failed (e.g. {records.path(i)}: {reason}); "
+                        "check the image folder and the backend"
+                    )
+            c = i // shard_size
+            pending[c][i] = (boxes, scores, reason)
+            lo, hi = _chunk_bounds(c, n, shard_size)
+            if len(pending[c]) == hi - lo:
+                _write_chunk(shards / _chunk_name(lo, hi), lo, [pending[c][j] for j in range(lo, hi)])
+                del pending[c]
+            bar.update(1)
+            bar.set_postfix(failed=failures, refresh=False)
+    seconds = time.perf_counter() - start_time
+
+    failed = []
+    for c in mine:
+        lo, hi = _chunk_bounds(c, n, shard_size)
+        failed += [(records.key(i), reason) for i, reason in _chunk_failures(shards / _chunk_name(lo, hi), lo, hi)]
+    result = BuildResult(
+        images=done,
+        seconds=seconds,
+        img_per_s=done / seconds if seconds > 0 else 0.0,
+        failed=failed,
+        skipped=skipped,
+        out_dir=str(out),
+    )
+    log.info(
+        "proposed %d images in %.1f s (%.1f img/s), %d failed in this machine's part",
+        done,
+        seconds,
+        result.img_per_s,
+        len(failed),
+    )
+    if count == 1:
+        merge_store(out, records)
+        result.merged = True
+    return result
+
+
+def merge_store(out_dir: str | os.PathLike, records, keep_shards: bool = False) -> ProposalStore:
+    """Joins the chunks in ``out_dir/shards`` into the store in ``out_dir``.
+
+    Args:
+        out_dir: The folder every machine's chunks were gathered in.
+        records: The dataset the chunks were built for.
+        keep_shards: Keep the chunk files after the store is complete (by default they are
+            deleted, as they hold the same boxes again).
+
+    Returns:
+        The opened store.
+
+    Raises:
+        FileNotFoundError: ``out_dir`` has no chunks.
+        StaleStoreError: The chunks were built for another dataset.
+        ValueError: Chunks are missing (all are named) or corrupt.
+    """
+    out = Path(out_dir)
+    shards = out / SHARDS_DIR
+    build_path = shards / BUILD_FILE
+    if not build_path.exists():
+        raise FileNotFoundError(f"{out} holds no proposal chunks ({build_path} is missing); run 'objcrop propose'")
+    with open(build_path, encoding="utf-8") as f:
+        config = json.load(f)
+    n, shard_size = config["images"], config["shard_size"]
+    if n != len(records) or config["dataset"] != dataset_fingerprint(records.keys(), records.widths, records.heights):
+        raise StaleStoreError(f"the chunks in {shards} were built for other images than this dataset's {len(records)}")
+
+    chunks = [_chunk_bounds(c, n, shard_size) for c in range(-(-n // shard_size))]
+    missing = [(c, lo, hi) for c, (lo, hi) in enumerate(chunks) if not (shards / _chunk_name(lo, hi)).exists()]
+    if missing:
+        names = ", ".join(f"{_chunk_name(lo, hi)} (chunk {c}, images {lo}-{hi - 1})" for c, lo, hi in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise ValueError(
+            f"cannot merge {out}: {len(missing)} of {len(chunks)} chunks missing: {names}{more}. "
+            "Chunk c is made by the machine run with --shard c%n/n; run those parts, then merge again"
+        )
+
+    counts = np.zeros(n, dtype=np.int64)
+    failed = []
+    for lo, hi in chunks:
+        chunk = _read_chunk(shards / _chunk_name(lo, hi), lo, hi, ("failed",))
+        counts[lo:hi] = np.diff(chunk["offsets"])
+        failed += [(records.key(int(i)), str(r)) for i, r in json.loads(chunk["failed"].tobytes().decode("utf-8"))]
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+
+    mark_incomplete(out)
+    total = int(offsets[-1])
+    with (
+        atomic_npy(out / "boxes.npy", (total, 4), np.float32) as boxes,
+        atomic_npy(out / "scores.npy", (total,), np.float32) as scores,
+    ):
+        for lo, hi in chunks:
+            chunk = _read_chunk(shards / _chunk_name(lo, hi), lo, hi, ("boxes", "scores"))
+            if not np.array_equal(np.diff(chunk["offsets"]), counts[lo:hi]):
+                raise ValueError(f"chunk {_chunk_name(lo, hi)} changed while merging; merge again")
+            boxes[offsets[lo] : offsets[hi]] = chunk["boxes"]
+            scores[offsets[lo] : offsets[hi]] = chunk["scores"]
+    save_index(out, offsets, records.keys(), np.stack([records.widths, records.heights], 1), records.image_ids)
+    meta = {
+        "backend": config["backend"],
+        "params": config["params"],
+        "build": config,
+        "counts": {"failed": len(failed)},
+        "failed": [list(f) for f in failed],
+    }
+    save_meta(out, meta, offsets)
+    if not keep_shards:
+        shutil.rmtree(shards)
+    log.info("merged %d chunks into %s: %d images, %d boxes, %d failed", len(chunks), out, n, total, len(failed))
+    return ProposalStore.open(out, records)

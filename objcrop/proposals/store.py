@@ -1,0 +1,393 @@
+"""The proposal store: every image's proposals in a few memory-mapped numpy files.
+
+Layout of a store folder (no pickle anywhere)::
+
+    boxes.npy        float32 [N, 4]   xyxy pixels of the original image, image after image, best first
+    scores.npy       float32 [N]
+    offsets.npy      int64 [images + 1]; image i owns rows offsets[i]:offsets[i + 1]
+    image_ids.npy    int64 [images]    the dataset's image ids
+    sizes.npy        int32 [images, 2] (width, height) the boxes refer to
+    key_blob.npy     uint8             utf-8 image keys (Records.key), concatenated
+    key_offsets.npy  int64 [images + 1]
+    meta.json        backend, params, created, counts; written last, it marks the store complete
+
+Opening maps the arrays read-only, so DataLoader workers share the pages and a store bigger than
+memory costs only what is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from objcrop.proposals.gt import gt_proposals
+
+__all__ = [
+    "FORMAT_VERSION",
+    "META_FILE",
+    "IncompleteStoreError",
+    "StaleStoreError",
+    "ProposalStore",
+    "StoreKeys",
+    "atomic_npy",
+    "save_npy",
+    "write_json",
+    "dataset_fingerprint",
+    "mark_incomplete",
+    "save_index",
+    "save_meta",
+]
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+_ARRAYS = ("boxes", "scores", "offsets", "image_ids", "sizes", "key_blob", "key_offsets")
+
+
+class StaleStoreError(ValueError):
+    """The store was built for other images (count, keys or sizes differ from the dataset)."""
+
+
+class IncompleteStoreError(ValueError):
+    """The folder holds no finished store (no ``meta.json``): a build is running, was killed, or
+    its chunks still need merging."""
+
+
+@contextlib.contextmanager
+def atomic_npy(path: str | os.PathLike, shape: tuple[int, ...], dtype) -> Iterator[np.ndarray]:
+    """Yields a writable memory map of a new ``.npy`` file that replaces ``path`` only when the
+    block ends without error, so readers never see a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        yield out
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Writes ``array`` to ``path`` atomically (temp file in the same folder, then rename)."""
+    array = np.asarray(array)
+    with atomic_npy(path, array.shape, array.dtype) as out:
+        if array.size:
+            out[...] = array
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Writes ``obj`` as JSON to ``path`` atomically."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _encode_keys(keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    encoded = [k.encode("utf-8") for k in keys]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
+
+
+def dataset_fingerprint(keys: Sequence[str], widths, heights) -> str:
+    """A short hash of the image keys and sizes: equal fingerprints mean the same images."""
+    blob, offsets = _encode_keys(keys)
+    h = hashlib.blake2b(digest_size=16)
+    for arr in (blob, offsets, np.asarray(widths, np.int64), np.asarray(heights, np.int64)):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+class StoreKeys(Sequence):
+    """The image keys of a store, decoded on access from a utf-8 blob (a list of a million
+    Python strings would be copied into every DataLoader worker)."""
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray) -> None:
+        self._blob = blob
+        self._offsets = offsets
+
+    @classmethod
+    def from_strings(cls, keys: Sequence[str]) -> StoreKeys:
+        return cls(*_encode_keys(keys))
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"key index {i} out of range for {len(self)} images")
+        return self._blob[self._offsets[i] : self._offsets[i + 1]].tobytes().decode("utf-8")
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, StoreKeys):
+            return np.array_equal(self._offsets, other._offsets) and np.array_equal(self._blob, other._blob)
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        head = ", ".join(repr(k) for k in self[:3])
+        return f"StoreKeys([{head}{', ...' if len(self) > 3 else ''}], {len(self)} keys)"
+
+
+class ProposalStore:
+    """Proposals of every image of a dataset, best first.
+
+    Args:
+        boxes: Float32 ``[N, 4]`` xyxy boxes in pixels of the original images.
+        scores: Float32 ``[N]`` scores.
+        offsets: Int64 ``[images + 1]``; image ``i`` owns ``boxes[offsets[i]:offsets[i + 1]]``.
+        keys: Image keys (``Records.key(i)``), or a :class:`StoreKeys`.
+        sizes: Int ``[images, 2]`` (width, height) of the images the boxes refer to.
+        image_ids: Int64 ``[images]`` dataset ids; defaults to ``arange(images)``.
+        meta: Backend, params, created, counts and anything else worth recording.
+        folder: The folder the arrays are mapped from, if any.
+    """
+
+    def __init__(
+        self,
+        boxes,
+        scores,
+        offsets,
+        keys: Sequence[str] | StoreKeys,
+        sizes,
+        image_ids=None,
+        meta: dict | None = None,
+        folder: str | os.PathLike | None = None,
+    ) -> None:
+        n = len(keys)
+        self.boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        self.scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+        self.offsets = np.asarray(offsets, dtype=np.int64).reshape(-1)
+        self.keys = keys if isinstance(keys, StoreKeys) else StoreKeys.from_strings(keys)
+        self.sizes = np.asarray(sizes, dtype=np.int32).reshape(n, 2)
+        self.image_ids = (
+            np.arange(n, dtype=np.int64) if image_ids is None else np.asarray(image_ids, dtype=np.int64).reshape(n)
+        )
+        self.meta = dict(meta or {})
+        self.folder = None if folder is None else str(folder)
+        self._check()
+
+    def _check(self) -> None:
+        where = f"proposal store {self.folder}" if self.folder else "proposal store"
+        n = len(self.keys)
+        if len(self.offsets) != n + 1:
+            raise ValueError(f"{where}: offsets has {len(self.offsets)} entries for {n} images (want {n + 1})")
+        if len(self.boxes) != len(self.scores):
+            raise ValueError(f"{where}: {len(self.boxes)} boxes but {len(self.scores)} scores")
+        if self.offsets[0] != 0 or self.offsets[-1] != len(self.boxes) or np.any(np.diff(self.offsets) < 0):
+            raise ValueError(f"{where}: offsets do not partition the {len(self.boxes)} boxes")
+
+    # ------------------------------------------------------------------ access
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __repr__(self) -> str:
+        backend = self.meta.get("backend", "?")
+        where = f", folder={self.folder!r}" if self.folder else ""
+        return f"ProposalStore({len(self)} images, {len(self.boxes)} boxes, backend={backend!r}{where})"
+
+    @property
+    def widths(self) -> np.ndarray:
+        return self.sizes[:, 0]
+
+    @property
+    def heights(self) -> np.ndarray:
+        return self.sizes[:, 1]
+
+    def key(self, i: int) -> str:
+        return self.keys[i]
+
+    def size(self, i: int) -> tuple[int, int]:
+        """``(width, height)`` of image ``i``."""
+        return int(self.sizes[i, 0]), int(self.sizes[i, 1])
+
+    def boxes_of(self, i: int) -> np.ndarray:
+        """Float32 ``[k, 4]`` xyxy proposals of image ``i``, best first."""
+        return self.boxes[self.offsets[i] : self.offsets[i + 1]]
+
+    def scores_of(self, i: int) -> np.ndarray:
+        """Float32 ``[k]`` scores of image ``i``'s proposals."""
+        return self.scores[self.offsets[i] : self.offsets[i + 1]]
+
+    def counts(self) -> np.ndarray:
+        """Number of proposals of every image."""
+        return np.diff(self.offsets)
+
+    # ------------------------------------------------------------------ checks
+
+    def check_matches(self, records) -> None:
+        """Raises :class:`StaleStoreError` unless the store covers exactly ``records``' images
+        (same count, same keys in the same order, same sizes)."""
+        where = f"stale store {self.folder}" if self.folder else "stale store"
+        if len(records) != len(self):
+            raise StaleStoreError(
+                f"{where}: store has {len(self)} images, dataset has {len(records)}; rebuild it with 'objcrop propose'"
+            )
+        blob, offsets = _encode_keys(records.keys())
+        if not (np.array_equal(offsets, self.keys._offsets) and np.array_equal(blob, self.keys._blob)):
+            differ = [i for i in range(len(self)) if self.keys[i] != records.key(i)]
+            i = differ[0]
+            raise StaleStoreError(
+                f"{where}: {len(differ)} of {len(self)} image keys differ, first: index {i} "
+                f"store {self.keys[i]!r} vs dataset {records.key(i)!r}"
+            )
+        bad = np.flatnonzero((self.widths != records.widths) | (self.heights != records.heights))
+        if len(bad):
+            i = int(bad[0])
+            (sw, sh), (dw, dh) = self.size(i), records.size(i)
+            raise StaleStoreError(
+                f"{where}: {len(bad)} of {len(self)} images differ in size, first: {self.keys[i]} "
+                f"store {sw}x{sh} vs dataset {dw}x{dh}"
+            )
+
+    # ------------------------------------------------------------------ io
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike, records=None) -> ProposalStore:
+        """Maps a store folder read-only.
+
+        Args:
+            folder: A folder written by :meth:`save` or ``objcrop propose``.
+            records: When given, the dataset the store must match (see :meth:`check_matches`).
+
+        Raises:
+            FileNotFoundError: ``folder`` or one of its arrays does not exist.
+            IncompleteStoreError: The folder has no ``meta.json`` (unfinished build).
+            StaleStoreError: The store does not match ``records``.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"proposal store {folder} does not exist")
+        meta_path = folder / META_FILE
+        if not meta_path.exists():
+            hint = " (its chunks await 'objcrop propose --merge')" if (folder / "shards").is_dir() else ""
+            raise IncompleteStoreError(
+                f"proposal store {folder} is incomplete: no {META_FILE}{hint}; "
+                "re-run 'objcrop propose' with the same arguments to finish it"
+            )
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+            raise ValueError(f"proposal store {folder} has format {meta['format_version']}, newer than this objcrop")
+        arrays = {}
+        for name in _ARRAYS:
+            path = folder / f"{name}.npy"
+            if not path.exists():
+                raise FileNotFoundError(f"proposal store {folder} lacks {path.name}")
+            arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
+        store = cls(
+            boxes=arrays["boxes"],
+            scores=arrays["scores"],
+            offsets=arrays["offsets"],
+            keys=StoreKeys(arrays["key_blob"], arrays["key_offsets"]),
+            sizes=arrays["sizes"],
+            image_ids=arrays["image_ids"],
+            meta=meta,
+            folder=folder,
+        )
+        if records is not None:
+            store.check_matches(records)
+        return store
+
+    @classmethod
+    def from_records(cls, records, topk: int | None = None) -> ProposalStore:
+        """Ground-truth boxes as proposals, in memory: largest area first, score 1.0, so that a
+        policy's top-k keeps the largest objects. See :func:`objcrop.proposals.gt.gt_proposals`."""
+        boxes, scores, offsets = gt_proposals(records, topk)
+        empty = int((np.diff(offsets) == 0).sum())
+        meta = {
+            "backend": "gt",
+            "params": {"topk": topk},
+            "counts": {"images": len(records), "boxes": len(boxes), "empty": empty, "failed": 0},
+        }
+        sizes = np.stack([records.widths, records.heights], axis=1)
+        return cls(boxes, scores, offsets, records.keys(), sizes, records.image_ids, meta)
+
+    def save(self, folder: str | os.PathLike, meta: dict | None = None) -> Path:
+        """Writes the store to ``folder`` (created if needed), each file atomically and
+        ``meta.json`` last. ``meta`` entries update the store's own."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        mark_incomplete(folder)
+        save_npy(folder / "boxes.npy", self.boxes)
+        save_npy(folder / "scores.npy", self.scores)
+        save_index(folder, self.offsets, self.keys, self.sizes, self.image_ids)
+        self.meta = save_meta(folder, {**self.meta, **(meta or {})}, self.offsets)
+        return folder
+
+    # A mapped store pickles as its folder: pickling the maps would copy every box into the
+    # pickle (DataLoader workers under spawn, for example).
+    def __getstate__(self) -> dict:
+        if self.folder is not None:
+            return {"folder": self.folder}
+        return self.__dict__
+
+    def __setstate__(self, state: dict) -> None:
+        if set(state) == {"folder"}:
+            state = ProposalStore.open(state["folder"]).__dict__
+        self.__dict__.update(state)
+
+
+def mark_incomplete(folder: str | os.PathLike) -> None:
+    """Removes ``meta.json`` before a store's files are (re)written, so that a crash leaves a
+    folder that opens as incomplete rather than one mixing old and new arrays."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(Path(folder) / META_FILE)
+
+
+def save_index(folder: str | os.PathLike, offsets, keys, sizes, image_ids) -> None:
+    """Writes every store array except boxes and scores (offsets, keys, sizes, image ids)."""
+    folder = Path(folder)
+    keys = keys if isinstance(keys, StoreKeys) else StoreKeys.from_strings(keys)
+    save_npy(folder / "offsets.npy", np.asarray(offsets, np.int64))
+    save_npy(folder / "image_ids.npy", np.asarray(image_ids, np.int64))
+    save_npy(folder / "sizes.npy", np.asarray(sizes, np.int32).reshape(-1, 2))
+    save_npy(folder / "key_blob.npy", keys._blob)
+    save_npy(folder / "key_offsets.npy", keys._offsets)
+
+
+def save_meta(folder: str | os.PathLike, meta: dict, offsets) -> dict:
+    """Completes ``meta`` (backend, params, created, counts, format version) and writes it as
+    ``meta.json``, the marker of a complete store. Returns the written dict."""
+    offsets = np.asarray(offsets)
+    counts = np.diff(offsets)
+    out = dict(meta)
+    out.setdefault("backend", "unknown")
+    out.setdefault("params", {})
+    out.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    out["counts"] = {
+        "failed": 0,
+        **out.get("counts", {}),
+        "images": len(counts),
+        "boxes": int(offsets[-1]),
+        "empty": int((counts == 0).sum()),
+    }
+    out["format_version"] = FORMAT_VERSION
+    write_json(Path(folder) / META_FILE, out)
+    return out

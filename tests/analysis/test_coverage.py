@@ -1,0 +1,248 @@
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from objcrop import cli
+from objcrop.analysis.coverage import UnionArea, coverage, coverage_table, intersections
+from objcrop.crops.policies import POLICIES, ViewPair, ViewPairPolicy
+from objcrop.data.records import Record, Records
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+class FixedPolicy:
+    """Returns the same two crops for every sample, for exact answers."""
+
+    name = "fixed"
+
+    def __init__(self, crops, fallback: bool = False) -> None:
+        self.crops = np.asarray(crops, dtype=np.float32).reshape(2, 4)
+        self.fallback = fallback
+
+    def sample(self, width, height, proposals, rng) -> ViewPair:
+        return ViewPair(self.crops.copy(), self.crops.copy(), ("object", "scene"), self.fallback)
+
+
+def make_records(gt_per_image, size=(100, 100)) -> Records:
+    recs = [
+        Record(
+            f"{i}.jpg", size[0], size[1], boxes=np.asarray(b, np.float32).reshape(-1, 4), box_labels=np.zeros(len(b))
+        )
+        for i, b in enumerate(gt_per_image)
+    ]
+    return Records.from_records(recs, ["thing"])
+
+
+def random_scenes(n: int, rng: np.random.Generator, objects: int = 3, side=(15, 30), size=200) -> Records:
+    """Images with a few small objects each (about 10% of the image in all)."""
+    gts = []
+    for _ in range(n):
+        wh = rng.uniform(*side, size=(objects, 2))
+        xy = rng.uniform(0, size - wh)
+        gts.append(np.concatenate([xy, xy + wh], axis=1))
+    return make_records(gts, size=(size, size))
+
+
+def raster_covered(boxes, rects, width, height, scale=2) -> np.ndarray:
+    """Brute force: covered area on a grid of 1/scale pixels (exact for coordinates on that grid)."""
+    mask = np.zeros((height * scale, width * scale), bool)
+    for x1, y1, x2, y2 in np.clip(np.round(np.asarray(boxes) * scale).astype(int), 0, None):
+        mask[y1:y2, x1:x2] = True
+    out = []
+    for x1, y1, x2, y2 in np.round(np.asarray(rects) * scale).astype(int):
+        out.append(mask[y1:y2, x1:x2].sum() / scale**2)
+    return np.array(out)
+
+
+def test_union_area_matches_raster_on_random_layouts():
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        width, height = (int(v) for v in rng.integers(5, 50, size=2))
+        n = int(rng.integers(0, 6))
+        corners = np.sort(rng.integers(-10, 120, size=(n, 2, 2)) / 2, axis=1)  # half pixels, some outside
+        boxes = np.stack([corners[:, 0, 0], corners[:, 0, 1], corners[:, 1, 0], corners[:, 1, 1]], axis=1)
+        r = np.sort(rng.integers(0, 2 * min(width, height) + 1, size=(30, 2, 2)) / 2, axis=1)
+        rects = np.stack([r[:, 0, 0], r[:, 0, 1], r[:, 1, 0], r[:, 1, 1]], axis=1)
+        union = UnionArea(boxes, width, height)
+        np.testing.assert_allclose(union.covered(rects), raster_covered(boxes, rects, width, height), atol=1e-6)
+        assert union.total == pytest.approx(raster_covered(boxes, [[0, 0, width, height]], width, height)[0])
+
+
+def test_union_area_counts_overlaps_once_and_ignores_empty_boxes():
+    union = UnionArea([[0, 0, 10, 10], [5, 5, 15, 15], [3, 3, 3, 9]], 20, 20)
+    assert union.num_boxes == 2
+    assert union.total == pytest.approx(175.0)
+    assert union.covered([[0, 0, 20, 20], [5, 5, 10, 10], [16, 16, 20, 20]]) == pytest.approx([175, 25, 0])
+
+
+def test_union_area_rejects_empty_image():
+    with pytest.raises(ValueError, match="positive"):
+        UnionArea([[0, 0, 1, 1]], 0, 10)
+
+
+def test_intersections():
+    boxes, areas = intersections(np.array([[[0, 0, 10, 10], [5, 0, 20, 4]], [[0, 0, 1, 1], [2, 2, 3, 3]]]))
+    np.testing.assert_allclose(boxes[0], [5, 0, 10, 4])
+    np.testing.assert_allclose(areas, [20, 0])
+
+
+@pytest.mark.parametrize(
+    ("gt", "crops", "expected"),
+    [
+        ([[0, 0, 100, 100]], [[10, 10, 60, 60], [30, 30, 90, 90]], 1.0),  # GT covers the image
+        ([[70, 0, 100, 100]], [[0, 0, 40, 40], [10, 10, 50, 60]], 0.0),  # GT disjoint from the overlap
+        ([[0, 0, 50, 100]], [[0, 0, 100, 100], [20, 20, 80, 80]], 0.5),  # left half of the overlap
+        ([[0, 0, 50, 50], [25, 25, 75, 75]], [[0, 0, 100, 100], [0, 0, 100, 100]], 4375 / 10000),
+    ],
+)
+def test_coverage_exact_with_fixed_crops(gt, crops, expected):
+    records = make_records([gt, gt])
+    result = coverage(records, records, FixedPolicy(crops), pairs_per_image=7, bootstrap=50)
+    assert result.mean_gt_fraction == pytest.approx(expected, abs=1e-6)
+    assert (result.pairs, result.skipped_empty, result.images, result.fallbacks) == (14, 0, 2, 0)
+    assert result.ci95 == pytest.approx((expected, expected), abs=1e-6)
+
+
+def test_pairs_are_pooled_over_images():
+    records = make_records([[[0, 0, 100, 100]], [[0, 0, 25, 100]], [[0, 0, 50, 100]]])
+    result = coverage(records, records, FixedPolicy([[0, 0, 100, 100], [0, 0, 100, 100]]), pairs_per_image=3)
+    assert result.mean_gt_fraction == pytest.approx((1 + 0.25 + 0.5) / 3)
+    np.testing.assert_array_equal(result.image_index, [0, 0, 0, 1, 1, 1, 2, 2, 2])
+    lo, hi = result.ci95
+    assert 0.25 <= lo <= result.mean_gt_fraction <= hi <= 1.0
+
+
+def test_empty_intersections_are_counted_and_excluded():
+    records = make_records([[[0, 0, 100, 100]]] * 3)
+    result = coverage(records, records, FixedPolicy([[0, 0, 40, 40], [50, 50, 90, 90]], fallback=True), 4)
+    assert (result.pairs, result.skipped_empty, result.fallbacks) == (0, 12, 12)
+    assert math.isnan(result.mean_gt_fraction) and all(math.isnan(v) for v in result.ci95)
+    summary = result.to_dict()
+    assert summary["mean_gt_fraction"] is None and summary["ci95"] == [None, None]
+    json.dumps(summary)  # NaN never reaches the JSON
+
+
+def test_images_without_gt_are_skipped_and_counted():
+    records = make_records([[[0, 0, 50, 100]], [], [[0, 0, 10, 0]]])  # the last box is empty
+    result = coverage(records, records, FixedPolicy([[0, 0, 100, 100], [0, 0, 100, 100]]), 5)
+    assert (result.images, result.images_without_gt, result.pairs) == (1, 2, 5)
+    assert result.mean_gt_fraction == pytest.approx(0.5)
+
+
+def test_same_seed_same_result_and_validation():
+    records = random_scenes(10, np.random.default_rng(1))
+    policy = ViewPairPolicy("obj-obj-dilate")
+    a = coverage(records, records, policy, pairs_per_image=5, seed=3)
+    b = coverage(records, records, policy, pairs_per_image=5, seed=3)
+    assert a.to_dict() == b.to_dict()
+    np.testing.assert_array_equal(a.fractions, b.fractions)
+    with pytest.raises(ValueError, match="pairs_per_image"):
+        coverage(records, records, policy, pairs_per_image=0)
+
+
+def test_ci_contains_the_mean_and_shrinks_with_more_images():
+    rng = np.random.default_rng(2)
+    policy = ViewPairPolicy("dilate-dilate")
+    widths = []
+    for n in (12, 192):
+        records = random_scenes(n, rng)
+        result = coverage(records, records, policy, pairs_per_image=4, seed=0, bootstrap=500)
+        lo, hi = result.ci95
+        assert lo < result.mean_gt_fraction < hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2  # ~ 1/sqrt(16) in theory
+
+
+def test_object_policies_cover_more_objects_than_scene_crops():
+    records = random_scenes(30, np.random.default_rng(3))
+    means = {
+        name: coverage(records, records, ViewPairPolicy(name), pairs_per_image=10, seed=0).mean_gt_fraction
+        for name in ("scene-scene", "dilate-dilate", "obj-scene", "obj-obj-dilate")
+    }
+    assert means["scene-scene"] == pytest.approx(0.1, abs=0.05)  # objects are ~10% of each image
+    assert means["dilate-dilate"] > means["scene-scene"] + 0.1
+    # With GT proposals an object crop lies inside a GT box, so whatever it shares is object.
+    assert means["obj-scene"] == pytest.approx(1.0)
+    assert means["obj-obj-dilate"] == pytest.approx(1.0)
+
+
+def test_object_crops_grown_to_a_min_size_leave_the_object():
+    records = random_scenes(20, np.random.default_rng(5))
+    grown = ViewPairPolicy("obj-obj-dilate", min_box_size=120)
+    result = coverage(records, records, grown, pairs_per_image=10, seed=0)
+    scene = coverage(records, records, ViewPairPolicy("scene-scene"), pairs_per_image=10, seed=0)
+    assert scene.ci95[1] < result.mean_gt_fraction < 0.9
+
+
+def test_coverage_table_lists_every_policy():
+    records = random_scenes(5, np.random.default_rng(4))
+    results = [coverage(records, records, ViewPairPolicy(n), pairs_per_image=4, bootstrap=20) for n in POLICIES]
+    lines = coverage_table(results).splitlines()
+    assert len(lines) == 2 + len(POLICIES)
+    for name, line in zip(POLICIES, lines[2:], strict=True):
+        assert line.startswith(name)
+
+
+def write_coco(root: Path, n: int = 3) -> tuple[Path, Path]:
+    """A tiny COCO dataset: ``n`` 64x48 images with two boxes each (the last image has none)."""
+    images = root / "images"
+    images.mkdir()
+    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "thing"}]}
+    for i in range(n):
+        name = f"{i:03d}.jpg"
+        Image.new("RGB", (64, 48), (40 * i, 100, 200)).save(images / name)
+        coco["images"].append({"id": i + 1, "file_name": name, "width": 64, "height": 48})
+        if i < n - 1:
+            for j, bbox in enumerate(([4, 4, 20, 16], [30, 20, 24, 20])):
+                ann = {"id": 10 * i + j + 1, "image_id": i + 1, "category_id": 1, "bbox": bbox}
+                coco["annotations"].append(ann | {"area": bbox[2] * bbox[3], "iscrowd": 0})
+    annotations = root / "instances.json"
+    annotations.write_text(json.dumps(coco))
+    return annotations, images
+
+
+def test_cli_json_one_object_per_policy(tmp_path, capsys):
+    annotations, images = write_coco(tmp_path)
+    base = ["analyze", "coverage", "--format", "coco", "--annotations", str(annotations), "--images", str(images)]
+    base += ["--proposals", "gt", "--pairs-per-image", "6", "--seed", "0", "--json"]
+    assert cli.main([*base, "--policy", "obj-scene"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    row = json.loads(lines[0])
+    assert {"policy", "mean_gt_fraction", "ci95", "pairs", "skipped_empty"} <= row.keys()
+    assert row["policy"] == "obj-scene" and len(row["ci95"]) == 2
+    assert row["pairs"] + row["skipped_empty"] == 12 and row["images_without_gt"] == 1
+    assert 0 <= row["mean_gt_fraction"] <= 1
+
+    assert cli.main([*base, "--policy", "scene-scene", "--policy", "obj-obj-dilate", "--delta", "0.2"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["policy"] for r in rows] == ["scene-scene", "obj-obj-dilate"]
+
+
+def test_cli_table_defaults_to_every_policy(tmp_path, capsys):
+    annotations, images = write_coco(tmp_path)
+    argv = ["analyze", "coverage", "--format", "coco", "--annotations", str(annotations), "--images", str(images)]
+    assert cli.main([*argv, "--proposals", "gt", "--pairs-per-image", "3", "--bootstrap", "10"]) == 0
+    out = capsys.readouterr().out
+    for name in POLICIES:
+        assert name in out
+
+
+@pytest.mark.skipif(not (DATA / "coco128").is_dir(), reason="shared/data/coco128 not available")
+def test_coco128_object_crops_overlap_on_objects():
+    from objcrop.data.readers import load_records
+    from objcrop.proposals import open_proposals
+
+    root = DATA / "coco128"
+    records = load_records(
+        "coco", annotations=str(root / "annotations" / "instances_train2017.json"), images=str(root / "train2017")
+    )
+    store = open_proposals("gt", records)
+    scene = coverage(records, store, ViewPairPolicy("scene-scene"), pairs_per_image=3, bootstrap=100)
+    dilate = coverage(records, store, ViewPairPolicy("obj-obj-dilate"), pairs_per_image=3, bootstrap=100)
+    assert dilate.images_without_gt == scene.images_without_gt == 2
+    assert dilate.mean_gt_fraction > scene.ci95[1]

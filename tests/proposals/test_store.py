@@ -1,0 +1,169 @@
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from objcrop.data.records import Record, Records
+from objcrop.proposals import IncompleteStoreError, ProposalStore, StaleStoreError, open_proposals
+from objcrop.proposals.store import META_FILE
+
+
+def make_records(sizes=((64, 48), (32, 32), (80, 40)), keys=None) -> Records:
+    keys = keys or [f"img_{i}.jpg" for i in range(len(sizes))]
+    recs = [
+        Record(
+            path=key,
+            width=w,
+            height=h,
+            boxes=np.array([[0, 0, w / 4, h / 4], [0, 0, w / 2, h / 2], [w / 2, 0, w, h]], np.float32),
+            box_labels=np.array([0, 1, 0], np.int32),
+            image_id=100 + i,
+        )
+        for i, (key, (w, h)) in enumerate(zip(keys, sizes, strict=True))
+    ]
+    return Records.from_records(recs, ["a", "b"], root="/nowhere")
+
+
+def make_store(records: Records) -> ProposalStore:
+    rng = np.random.default_rng(0)
+    counts = [5, 0, 3][: len(records)]
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    boxes = rng.uniform(0, 30, size=(offsets[-1], 4)).astype(np.float32)
+    boxes[:, 2:] += boxes[:, :2]
+    scores = rng.uniform(size=offsets[-1]).astype(np.float32)
+    meta = {"backend": "test", "params": {"k": 1}}
+    sizes = np.stack([records.widths, records.heights], axis=1)
+    return ProposalStore(boxes, scores, offsets, records.keys(), sizes, records.image_ids, meta)
+
+
+def test_round_trip_is_memory_mapped_and_equal(tmp_path):
+    records = make_records()
+    store = make_store(records)
+    store.save(tmp_path / "s")
+    back = ProposalStore.open(tmp_path / "s", records)
+    assert len(back) == len(store) == 3
+    assert not back.boxes.flags.owndata and not back.boxes.flags.writeable  # a read-only map, not a copy
+    for i in range(len(store)):
+        np.testing.assert_array_equal(back.boxes_of(i), store.boxes_of(i))
+        np.testing.assert_array_equal(back.scores_of(i), store.scores_of(i))
+        assert back.boxes_of(i).dtype == np.float32 and back.scores_of(i).dtype == np.float32
+    assert back.boxes_of(1).shape == (0, 4)
+    assert list(back.keys) == records.keys() and back.keys == records.keys()
+    np.testing.assert_array_equal(back.widths, records.widths)
+    np.testing.assert_array_equal(back.heights, records.heights)
+    np.testing.assert_array_equal(back.image_ids, [100, 101, 102])
+    assert back.meta["backend"] == "test" and back.meta["params"] == {"k": 1}
+    assert back.meta["counts"] == {"images": 3, "boxes": 8, "empty": 1, "failed": 0}
+    assert "created" in back.meta
+
+
+def test_files_load_without_pickle(tmp_path):
+    records = make_records()
+    make_store(records).save(tmp_path / "s")
+    files = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert META_FILE in files and not any(name.endswith(".tmp") for name in files)
+    for path in (tmp_path / "s").glob("*.npy"):
+        arr = np.load(path, allow_pickle=False)
+        assert arr.dtype != object
+    json.loads((tmp_path / "s" / META_FILE).read_text())
+
+
+def test_stale_store_errors_say_how_it_differs(tmp_path):
+    records = make_records()
+    make_store(records).save(tmp_path / "s")
+
+    with pytest.raises(StaleStoreError, match="store has 3 images, dataset has 2"):
+        ProposalStore.open(tmp_path / "s", records.subset([0, 1]))
+    renamed = make_records(keys=["img_0.jpg", "other.jpg", "img_2.jpg"])
+    with pytest.raises(StaleStoreError, match=r"1 of 3 image keys differ, first: index 1 store 'img_1.jpg' vs dataset"):
+        ProposalStore.open(tmp_path / "s", renamed)
+    resized = make_records(sizes=((48, 64), (32, 32), (80, 41)))
+    expect = "2 of 3 images differ in size, first: img_0.jpg store 64x48 vs dataset 48x64"
+    with pytest.raises(StaleStoreError, match=expect):
+        ProposalStore.open(tmp_path / "s", resized)
+    assert issubclass(StaleStoreError, ValueError)
+    ProposalStore.open(tmp_path / "s")  # without records nothing is checked
+
+
+def test_incomplete_and_missing_store(tmp_path):
+    records = make_records()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ProposalStore.open(tmp_path / "nothing")
+    make_store(records).save(tmp_path / "s")
+    (tmp_path / "s" / META_FILE).unlink()
+    with pytest.raises(IncompleteStoreError, match="incomplete"):
+        ProposalStore.open(tmp_path / "s", records)
+    make_store(records).save(tmp_path / "s")
+    (tmp_path / "s" / "scores.npy").unlink()
+    with pytest.raises(FileNotFoundError, match="scores.npy"):
+        ProposalStore.open(tmp_path / "s")
+
+
+def test_inconsistent_arrays_are_rejected():
+    keys, sizes = ["a", "b", "c"], np.full((3, 2), 8)
+    with pytest.raises(ValueError, match="offsets has 3 entries for 3 images"):
+        ProposalStore(np.zeros((2, 4)), np.zeros(2), [0, 1, 2], keys, sizes)
+    with pytest.raises(ValueError, match="2 boxes but 1 scores"):
+        ProposalStore(np.zeros((2, 4)), np.zeros(1), [0, 1, 1, 2], keys, sizes)
+    with pytest.raises(ValueError, match="offsets do not partition"):
+        ProposalStore(np.zeros((2, 4)), np.zeros(2), [0, 2, 1, 2], keys, sizes)
+
+
+def test_gt_store_orders_largest_first():
+    records = make_records()
+    store = ProposalStore.from_records(records)
+    for i in range(len(records)):
+        w, h = records.size(i)
+        got = store.boxes_of(i)
+        expect = np.array([[w / 2, 0, w, h], [0, 0, w / 2, h / 2], [0, 0, w / 4, h / 4]], np.float32)
+        np.testing.assert_allclose(got, expect)
+        np.testing.assert_array_equal(store.scores_of(i), np.ones(3, np.float32))
+    top1 = ProposalStore.from_records(records, topk=1)
+    assert top1.counts().tolist() == [1, 1, 1]
+    np.testing.assert_array_equal(top1.boxes_of(0), store.boxes_of(0)[:1])
+    assert store.meta["backend"] == "gt" and store.meta["counts"]["boxes"] == 9
+
+
+def test_gt_store_drops_unusable_boxes_and_clips():
+    rec = Record(
+        "a.jpg",
+        10,
+        10,
+        boxes=np.array([[2, 2, 2, 8], [-5, 1, 4, 20], [np.nan, 0, 3, 3]], np.float32),
+        box_labels=np.zeros(3, np.int32),
+    )
+    store = ProposalStore.from_records(Records.from_records([rec], ["a"]))
+    np.testing.assert_array_equal(store.boxes_of(0), [[0, 1, 4, 10]])
+
+
+def test_open_proposals(tmp_path):
+    records = make_records()
+    gt = open_proposals("gt", records)
+    np.testing.assert_array_equal(gt.boxes, ProposalStore.from_records(records).boxes)
+    make_store(records).save(tmp_path / "s")
+    opened = open_proposals(str(tmp_path / "s"), records)
+    assert opened.meta["backend"] == "test"
+    with pytest.raises(StaleStoreError):
+        open_proposals(str(tmp_path / "s"), records.subset([2, 1, 0]))
+
+
+def test_mapped_store_pickles_as_its_folder(tmp_path):
+    records = make_records()
+    make_store(records).save(tmp_path / "s")
+    store = ProposalStore.open(tmp_path / "s", records)
+    payload = pickle.dumps(store)
+    assert len(payload) < 500
+    back = pickle.loads(payload)
+    np.testing.assert_array_equal(back.boxes, store.boxes)
+    assert back.keys == store.keys
+    in_memory = pickle.loads(pickle.dumps(ProposalStore.from_records(records)))
+    assert len(in_memory.boxes) == 9
+
+
+def test_saving_over_a_store_replaces_it(tmp_path):
+    records = make_records()
+    make_store(records).save(tmp_path / "s")
+    ProposalStore.from_records(records).save(tmp_path / "s")
+    back = ProposalStore.open(tmp_path / "s", records)
+    assert back.meta["backend"] == "gt" and len(back.boxes) == 9
