@@ -10,6 +10,13 @@ import sys
 
 # Subcommand modules, in the order ``objcrop --help`` lists them.
 COMMANDS = [
+    "objcrop.commands.show",
+    "objcrop.commands.analyze",
+    "objcrop.commands.openimages_subset",
+    "objcrop.commands.propose",
+    "objcrop.commands.synth",
+    "objcrop.commands.pretrain",
+    "objcrop.commands.export",
 ]
 
 
