@@ -17,6 +17,7 @@ COMMANDS = [
     "objcrop.commands.synth",
     "objcrop.commands.pretrain",
     "objcrop.commands.export",
+    "objcrop.commands.detect",
 ]
 
 

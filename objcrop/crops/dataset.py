@@ -1,0 +1,112 @@
+"""The SSL training dataset: records + proposals + a policy -> two augmented views per image."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from objcrop.crops.policies import KIND_CODES, ViewPairPolicy
+from objcrop.crops.transforms import ViewPairTransform, ViewTransform
+from objcrop.data.images import ImageReadError, load_image
+from objcrop.data.records import Records
+
+__all__ = ["BoxSource", "ObjectAwareDataset"]
+
+logger = logging.getLogger(__name__)
+
+
+class BoxSource(Protocol):
+    """Anything that gives the proposals of image ``i`` (``[N, 4]`` xyxy pixels, best first)."""
+
+    def boxes_of(self, i: int) -> np.ndarray: ...
+
+
+class ObjectAwareDataset(Dataset):
+    """Two object-aware views of each image, for self-supervised training.
+
+    Per-sample metadata stays in the numpy arrays of ``records`` and ``store``, so DataLoader
+    workers share those pages with the parent instead of copying them.
+
+    An image that cannot be decoded, or whose decoded size differs from its record (its boxes
+    would be misplaced), is logged, counted in :attr:`skipped` and replaced by the next record;
+    after ``max_tries`` bad records in a row the sample raises.
+
+    Args:
+        records: The images (paths and sizes).
+        store: Proposals of each record, e.g. a :class:`~objcrop.proposals.ProposalStore`.
+        policy: Chooses the two crop boxes.
+        transform: Augmentation of each view, or a pair for asymmetric methods (default MoCo-v2).
+        size: Side of the square views in pixels.
+        seed: Seed of the crop generator in the main process (workers seed from the DataLoader).
+        max_tries: How many records a sample may try before giving up.
+
+    Returns (from ``__getitem__``):
+        A dict with ``views`` (list of two tensors), ``kinds`` (int64 ``[2]`` codes from
+        :data:`~objcrop.crops.policies.KIND_CODES`), ``index`` (the record the views were cut
+        from: the requested index unless records were replaced) and ``replaced`` (how many
+        unusable records were skipped to produce the sample).
+    """
+
+    def __init__(
+        self,
+        records: Records,
+        store: BoxSource,
+        policy: ViewPairPolicy,
+        transform: ViewTransform | Sequence[ViewTransform] | None = None,
+        size: int = 224,
+        seed: int | None = None,
+        max_tries: int = 10,
+    ) -> None:
+        if not hasattr(store, "boxes_of"):
+            raise TypeError(f"store must have a boxes_of(i) method, got {type(store).__name__}")
+        if max_tries < 1:
+            raise ValueError(f"max_tries must be >= 1, got {max_tries}")
+        self.records = records
+        self.store = store
+        self.view_pair = ViewPairTransform(policy, size=size, view_transforms=transform, seed=seed)
+        self.max_tries = int(max_tries)
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __repr__(self) -> str:
+        return f"ObjectAwareDataset({len(self)} images, {self.view_pair!r})"
+
+    def _load(self, i: int) -> Any | None:
+        path = self.records.path(i)
+        try:
+            image = load_image(path)
+        except (ImageReadError, OSError) as err:
+            reason = str(err)
+        else:
+            expected = self.records.size(i)
+            if image.size == expected:
+                return image
+            reason = f"decoded size {image.size} differs from the record's {expected}"
+        self.skipped += 1
+        logger.warning("skipping record %d (%s): %s [%d skipped in this process]", i, path, reason, self.skipped)
+        return None
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} records")
+        index %= n
+        for replaced in range(min(self.max_tries, n)):
+            i = (index + replaced) % n
+            image = self._load(i)
+            if image is None:
+                continue
+            views, kinds = self.view_pair(image, self.store.boxes_of(i))
+            codes = torch.tensor([KIND_CODES[k] for k in kinds], dtype=torch.int64)
+            return {"views": views, "kinds": codes, "index": i, "replaced": replaced}
+        raise RuntimeError(
+            f"no usable image in {min(self.max_tries, n)} records from {index} ({self.records.path(index)}); "
+            "see the warnings above"
+        )
