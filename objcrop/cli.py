@@ -17,6 +17,9 @@ COMMANDS = [
     "objcrop.commands.synth",
     "objcrop.commands.pretrain",
     "objcrop.commands.export",
+    "objcrop.commands.linear",
+    "objcrop.commands.knn",
+    "objcrop.commands.supervised",
     "objcrop.commands.detect",
 ]
 

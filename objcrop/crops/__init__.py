@@ -1,23 +1,28 @@
-"""View-pair policies (geometry), the view-pair transform (pixels) and augmentation presets."""
+"""View-pair policies (geometry), the view-pair transform (pixels) and augmentation presets.
 
-from objcrop.crops.augment import RandomGaussianBlur, RandomSolarize, byol_view_transforms, moco_v2_view_transform
-from objcrop.crops.dataset import ObjectAwareDataset
+The policies are plain numpy. The pixel side imports torchvision, so it loads on first use:
+``objcrop analyze coverage`` and the other geometry-only commands start without it.
+"""
+
+from importlib import import_module
+
 from objcrop.crops.policies import KIND_CODES, POLICIES, VIEW_KINDS, ViewPair, ViewPairPolicy, make_policy
-from objcrop.crops.transforms import ViewPairStats, ViewPairTransform, resized_crop
 
-__all__ = [
-    "KIND_CODES",
-    "POLICIES",
-    "VIEW_KINDS",
-    "ObjectAwareDataset",
-    "RandomGaussianBlur",
-    "RandomSolarize",
-    "ViewPair",
-    "ViewPairPolicy",
-    "ViewPairStats",
-    "ViewPairTransform",
-    "byol_view_transforms",
-    "make_policy",
-    "moco_v2_view_transform",
-    "resized_crop",
-]
+_LAZY = {
+    "RandomGaussianBlur": "objcrop.crops.augment",
+    "RandomSolarize": "objcrop.crops.augment",
+    "byol_view_transforms": "objcrop.crops.augment",
+    "moco_v2_view_transform": "objcrop.crops.augment",
+    "ObjectAwareDataset": "objcrop.crops.dataset",
+    "ViewPairStats": "objcrop.crops.transforms",
+    "ViewPairTransform": "objcrop.crops.transforms",
+    "resized_crop": "objcrop.crops.transforms",
+}
+
+__all__ = ["KIND_CODES", "POLICIES", "VIEW_KINDS", "ViewPair", "ViewPairPolicy", "make_policy", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'objcrop.crops' has no attribute {name!r}")

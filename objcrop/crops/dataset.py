@@ -42,7 +42,10 @@ class ObjectAwareDataset(Dataset):
         policy: Chooses the two crop boxes.
         transform: Augmentation of each view, or a pair for asymmetric methods (default MoCo-v2).
         size: Side of the square views in pixels.
-        seed: Seed of the crop generator in the main process (workers seed from the DataLoader).
+        seed: With a seed, every sample's crops and augmentations are a function of
+            ``(seed, epoch, index)`` alone: the same whatever the number of workers or the order, so a
+            resumed run repeats the uninterrupted one exactly (call :meth:`set_epoch` each epoch).
+            Without one, each DataLoader worker draws from its own stream seeded by the DataLoader.
         max_tries: How many records a sample may try before giving up.
 
     Returns (from ``__getitem__``):
@@ -70,7 +73,13 @@ class ObjectAwareDataset(Dataset):
         self.store = store
         self.view_pair = ViewPairTransform(policy, size=size, view_transforms=transform, seed=seed)
         self.max_tries = int(max_tries)
+        self.seed = seed
+        self.epoch = 0
         self.skipped = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch whose randomness seeded samples use."""
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -93,6 +102,23 @@ class ObjectAwareDataset(Dataset):
         logger.warning("skipping record %d (%s): %s [%d skipped in this process]", i, path, reason, self.skipped)
         return None
 
+    def _views(self, image, i: int, index: int) -> tuple[list[Any], tuple[str, str], bool]:
+        pair_transform = self.view_pair
+        width, height = image.size
+        if self.seed is None:
+            pair = pair_transform.policy.sample(width, height, self.store.boxes_of(i), pair_transform.rng)
+            pair_transform.count(pair.fallback)
+            return pair_transform.cut_views(image, pair.crops), pair.kinds, pair.fallback
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        pair = pair_transform.policy.sample(width, height, self.store.boxes_of(i), rng)
+        pair_transform.count(pair.fallback)
+        # The torchvision augmentations draw from torch's global generator: seed it for this sample
+        # only, leaving the caller's stream untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(rng.integers(2**62)))
+            views = pair_transform.cut_views(image, pair.crops)
+        return views, pair.kinds, pair.fallback
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         n = len(self)
         if not -n <= index < n:
@@ -103,9 +129,9 @@ class ObjectAwareDataset(Dataset):
             image = self._load(i)
             if image is None:
                 continue
-            views, kinds = self.view_pair(image, self.store.boxes_of(i))
+            views, kinds, fallback = self._views(image, i, index)
             codes = torch.tensor([KIND_CODES[k] for k in kinds], dtype=torch.int64)
-            return {"views": views, "kinds": codes, "index": i, "replaced": replaced}
+            return {"views": views, "kinds": codes, "index": i, "replaced": replaced, "fallback": fallback}
         raise RuntimeError(
             f"no usable image in {min(self.max_tries, n)} records from {index} ({self.records.path(index)}); "
             "see the warnings above"

@@ -71,22 +71,23 @@ def random_resized_crop_box(
 
     The crop covers a fraction of the region's area drawn from ``scale`` with an aspect ratio
     drawn log-uniformly from ``ratio``. After ``attempts`` misses it falls back to the largest
-    centred crop whose ratio lies in ``ratio``.
+    centred crop whose ratio lies in ``ratio``. Scalar maths on purpose: this runs once per view,
+    and numpy's per-call overhead on 10-element arrays costs more than the arithmetic.
     """
     x1, y1, x2, y2 = (float(v) for v in region)
     rw, rh = x2 - x1, y2 - y1
     region_area = rw * rh
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    areas = region_area * rng.uniform(scale[0], scale[1], size=attempts)
-    ratios = np.exp(rng.uniform(log_lo, log_hi, size=attempts))
-    ws = np.sqrt(areas * ratios)
-    hs = np.sqrt(areas / ratios)
-    fits = np.flatnonzero((ws > 0) & (ws <= rw) & (hs > 0) & (hs <= rh))
-    if len(fits):
-        w, h = ws[fits[0]], hs[fits[0]]
-        cx = x1 + rng.uniform(0, rw - w)
-        cy = y1 + rng.uniform(0, rh - h)
-        return np.array([cx, cy, cx + w, cy + h], dtype=np.float32)
+    draws = rng.random(4 * attempts).tolist()
+    for a in range(attempts):
+        target = region_area * (scale[0] + (scale[1] - scale[0]) * draws[4 * a])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * draws[4 * a + 1])
+        w = math.sqrt(target * aspect)
+        h = math.sqrt(target / aspect)
+        if 0 < w <= rw and 0 < h <= rh:
+            cx = x1 + (rw - w) * draws[4 * a + 2]
+            cy = y1 + (rh - h) * draws[4 * a + 3]
+            return np.array([cx, cy, cx + w, cy + h], dtype=np.float32)
     in_ratio = rw / rh if rh > 0 else 1.0
     if in_ratio < ratio[0]:
         w, h = rw, rw / ratio[0]
@@ -165,24 +166,54 @@ class ViewPairPolicy:
         )
 
     def usable_proposals(self, proposals, width: float, height: float) -> np.ndarray:
-        """The first ``topk`` proposals that survive clipping and the size filter."""
-        kept, _ = B.sanitize(proposals, width, height, self.min_proposal_size)
+        """The first ``topk`` proposals that are finite and, clipped to the image, have both sides
+        of at least ``min_proposal_size`` pixels (then grown to ``min_box_size`` if set)."""
+        proposals = B.as_boxes(proposals)
+        # Stores keep up to ~1000 proposals per image; only the head matters unless it has unusable rows.
+        kept = self._clean(proposals[: self.topk], width, height)
+        if len(kept) < self.topk and len(proposals) > self.topk:
+            kept = self._clean(proposals, width, height)
         kept = kept[: self.topk]
         if self.min_box_size > 0 and len(kept):
             kept = B.expand_to_min_size(kept, self.min_box_size, width, height)
         return kept
 
+    def _clean(self, boxes: np.ndarray, width: float, height: float) -> np.ndarray:
+        # Same rule as boxes.sanitize, in fewer numpy calls: this runs for every sample.
+        clipped = np.clip(boxes, 0, np.array([width, height, width, height], dtype=np.float32))
+        m = self.min_proposal_size
+        ok = np.isfinite(boxes).all(axis=1)
+        ok &= (clipped[:, 2] - clipped[:, 0] >= m) & (clipped[:, 3] - clipped[:, 1] >= m)
+        return clipped[ok]
+
+    def _region(self, kind: str, box: np.ndarray, width: float, height: float, rng: np.random.Generator):
+        """The region of one view as ``(x1, y1, x2, y2)`` floats."""
+        if kind == "scene":
+            return 0.0, 0.0, float(width), float(height)
+        x1, y1, x2, y2 = (float(v) for v in box)
+        if kind == "object":
+            return x1, y1, x2, y2
+        if kind == "dilated":  # each side grows by delta x image size (not x coordinate)
+            dx, dy = self.delta * width, self.delta * height
+            return max(x1 - dx, 0.0), max(y1 - dy, 0.0), min(x2 + dx, width), min(y2 + dy, height)
+        lo, hi = self.shift_radius
+        radius = lo + (hi - lo) * rng.random()
+        theta = 2 * math.pi * rng.random()
+        w, h = min(x2 - x1, width), min(y2 - y1, height)
+        nx = min(max(x1 + radius * math.cos(theta), 0.0), width - w)
+        ny = min(max(y1 + radius * math.sin(theta), 0.0), height - h)
+        return nx, ny, nx + w, ny + h
+
     def _object_scale(self, region: np.ndarray, width: float, height: float) -> tuple[float, float]:
         if self.object_scale is not None:
             return self.object_scale
-        region_area = float(B.area(region)[0])
+        region_area = float(region[2] - region[0]) * float(region[3] - region[1])
         lo = min(1.0, self.scene_scale[0] * width * height / max(region_area, 1e-6))
         return (lo, 1.0)
 
     def sample(self, width: float, height: float, proposals, rng: np.random.Generator) -> ViewPair:
         """Samples the two crop boxes for an image of ``width x height`` with ``proposals``
         (``[N, 4]`` xyxy, best first)."""
-        scene = np.array([0, 0, width, height], dtype=np.float32)
         kinds = self.region_kinds
         fallback = False
         box = None
@@ -195,14 +226,7 @@ class ViewPairPolicy:
 
         regions, crops = [], []
         for kind in kinds:
-            if kind == "scene":
-                region = scene
-            elif kind == "object":
-                region = box
-            elif kind == "dilated":
-                region = B.dilate(box, self.delta, width, height)[0]
-            else:
-                region = B.shift(box, self.shift_radius, width, height, rng)[0]
+            region = np.array(self._region(kind, box, width, height, rng), dtype=np.float32)
             if kind == "scene":
                 crop = random_resized_crop_box(region, self.scene_scale, self.scene_ratio, rng)
             else:

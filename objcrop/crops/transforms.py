@@ -137,10 +137,11 @@ class ViewPairTransform:
     ) -> tuple[list[Any], tuple[str, str]]:
         width, height = image_size(image)
         pair = self.policy.sample(width, height, proposals, self.rng if rng is None else rng)
-        self._count(pair.fallback)
+        self.count(pair.fallback)
         return self.cut_views(image, pair.crops), pair.kinds
 
-    def _count(self, fallback: bool) -> None:
+    def count(self, fallback: bool) -> None:
+        """Counts one sample (and logs fallbacks: they are never silent)."""
         self.stats.samples += 1
         if not fallback:
             return
