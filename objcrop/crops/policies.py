@@ -150,7 +150,9 @@ class ViewPairPolicy:
         self.scene_scale = (float(scene_scale[0]), float(scene_scale[1]))
         self.object_scale = None if object_scale is None else (float(object_scale[0]), float(object_scale[1]))
         self.scene_ratio = (float(scene_ratio[0]), float(scene_ratio[1]))
-        self.object_ratio = self.scene_ratio if object_ratio is None else (float(object_ratio[0]), float(object_ratio[1]))
+        self.object_ratio = (
+            self.scene_ratio if object_ratio is None else (float(object_ratio[0]), float(object_ratio[1]))
+        )
         self.min_box_size = float(min_box_size)
         self.min_proposal_size = float(min_proposal_size)
         self.swap = swap
@@ -230,7 +232,9 @@ class ViewPairPolicy:
             if kind == "scene":
                 crop = random_resized_crop_box(region, self.scene_scale, self.scene_ratio, rng)
             else:
-                crop = random_resized_crop_box(region, self._object_scale(region, width, height), self.object_ratio, rng)
+                crop = random_resized_crop_box(
+                    region, self._object_scale(region, width, height), self.object_ratio, rng
+                )
             regions.append(region)
             crops.append(crop)
 

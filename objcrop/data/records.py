@@ -140,7 +140,9 @@ class Records:
         return (self[i] for i in range(len(self)))
 
     def __repr__(self) -> str:
-        return f"Records({len(self)} images, {len(self.boxes)} boxes, {len(self.class_names)} classes, root={self.root!r})"
+        return (
+            f"Records({len(self)} images, {len(self.boxes)} boxes, {len(self.class_names)} classes, root={self.root!r})"
+        )
 
     @property
     def num_classes(self) -> int:
