@@ -1,0 +1,243 @@
+"""MoCo-v2 (Chen et al., 2020) with kind-routed projection heads, plus the pieces DenseCL and BYOL reuse.
+
+Interface shared by the methods, for the trainer:
+
+* ``forward(batch) -> dict``: ``loss`` (with grad) and detached statistics. In ``train()`` mode the
+  forward also pushes the new keys into the queue; in ``eval()`` mode it leaves the queue alone.
+* ``after_optimizer_step(step, total_steps) -> dict``: the momentum (EMA) update of the key encoder,
+  called once after every optimizer step. Official MoCo updates at the start of ``forward`` instead;
+  the sequence of key-encoder weights is the same (the first update there is a no-op because both
+  encoders start equal), and updating after the step keeps gradient accumulation correct.
+* Only parameters with ``requires_grad`` belong in the optimizer: the key encoder has none.
+
+Under ``torch.distributed`` every rank must use the same per-rank batch size (keys and images are
+gathered with ``all_gather``). Works with NCCL and with gloo on CPU. Every rank enqueues the same
+gathered keys, so the queues stay equal without DDP's buffer broadcast (``broadcast_buffers=False``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from objcrop.ssl.backbones import build_backbone, convert_sync_batchnorm
+from objcrop.ssl.heads import KindRoutedHead, MLPHead, ViewEncoder, views_and_kinds
+from objcrop.ssl.losses import contrastive_accuracy, contrastive_logits, info_nce_from_logits
+
+__all__ = [
+    "KeyQueue",
+    "MoCoV2",
+    "batch_shuffle",
+    "batch_unshuffle",
+    "concat_all_gather",
+    "ema_update_",
+    "momentum_copy",
+    "world_size",
+]
+
+
+def world_size() -> int:
+    """Number of ranks, 1 outside an initialised process group."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenates ``x`` from every rank along dim 0 (rank order); no gradient. Identity on one rank."""
+    n = world_size()
+    if n == 1:
+        return x
+    gathered = [torch.empty_like(x) for _ in range(n)]
+    dist.all_gather(gathered, x.contiguous())
+    return torch.cat(gathered)
+
+
+@torch.no_grad()
+def batch_shuffle(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """MoCo's shuffling BN: deals the global batch out to the ranks in a random order.
+
+    All tensors share one permutation, drawn on rank 0 and broadcast. Each rank then encodes a
+    batch drawn from every rank, so BatchNorm statistics cannot leak which key belongs to which
+    query. With one process this is a no-op (BatchNorm over the whole batch ignores order).
+
+    Returns:
+        The shuffled tensors for this rank and the index that undoes the permutation (``None``
+        with one process), for :func:`batch_unshuffle`.
+    """
+    n = world_size()
+    if n == 1:
+        return list(tensors), None
+    gathered = [concat_all_gather(t) for t in tensors]
+    permutation = torch.randperm(gathered[0].shape[0], device=gathered[0].device)
+    dist.broadcast(permutation, src=0)
+    mine = permutation.view(n, -1)[dist.get_rank()]
+    return [g[mine] for g in gathered], torch.argsort(permutation)
+
+
+@torch.no_grad()
+def batch_unshuffle(tensors: list[torch.Tensor], idx_unshuffle: torch.Tensor | None) -> list[torch.Tensor]:
+    """Brings outputs computed on :func:`batch_shuffle` inputs back to this rank's original samples."""
+    if idx_unshuffle is None:
+        return list(tensors)
+    mine = idx_unshuffle.view(world_size(), -1)[dist.get_rank()]
+    return [concat_all_gather(t)[mine] for t in tensors]
+
+
+def momentum_copy(module: nn.Module) -> nn.Module:
+    """A frozen deep copy of ``module``, to be updated only by :func:`ema_update_`."""
+    target = copy.deepcopy(module)
+    target.requires_grad_(False)
+    return target
+
+
+@torch.no_grad()
+def ema_update_(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """``target = momentum * target + (1 - momentum) * online``, parameter by parameter.
+
+    Only parameters are averaged; each network keeps its own BatchNorm running statistics, as in
+    the official MoCo and BYOL code.
+    """
+    target_params = list(target.parameters())
+    online_params = list(online.parameters())
+    if len(target_params) != len(online_params):
+        raise ValueError("target and online networks have different parameter lists")
+    torch._foreach_mul_(target_params, momentum)
+    torch._foreach_add_(target_params, online_params, alpha=1.0 - momentum)
+
+
+class KeyQueue(nn.Module):
+    """A ring buffer of the latest ``size`` normalised keys, saved in the ``state_dict``.
+
+    Args:
+        size: Number of keys ``K``.
+        dim: Key dimension ``C``.
+    """
+
+    keys: torch.Tensor
+    ptr: torch.Tensor
+
+    def __init__(self, size: int, dim: int) -> None:
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"queue size must be positive, got {size}")
+        self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor, gather: bool = True) -> None:
+        """Overwrites the oldest entries with ``keys`` ``[N, C]`` (from every rank when ``gather``)."""
+        if gather:
+            keys = concat_all_gather(keys)
+        size = self.keys.shape[0]
+        keys = keys[-size:].to(self.keys.dtype)
+        slots = (self.ptr + torch.arange(keys.shape[0], device=self.ptr.device)) % size
+        self.keys[slots] = keys
+        self.ptr.copy_((self.ptr + keys.shape[0]) % size)
+
+
+class MoCoV2(nn.Module):
+    """MoCo-v2: query encoder, momentum key encoder and a queue of negative keys.
+
+    Args:
+        backbone: Backbone name (see :data:`objcrop.ssl.backbones.BACKBONES`).
+        dim: Output dimension of the projection head.
+        hidden_dim: Hidden width of the head; defaults to the backbone's feature dimension.
+        queue_size: Number of negative keys ``K``.
+        momentum: Key-encoder momentum ``m``.
+        temperature: Softmax temperature.
+        separate_heads: One head for object views and one for context views (see
+            :class:`~objcrop.ssl.heads.KindRoutedHead`).
+        shuffle_bn: Shuffle the key batch across ranks (:func:`batch_shuffle`).
+        sync_bn: Convert the BatchNorm layers of both encoders to SyncBatchNorm (which makes
+            ``shuffle_bn`` unnecessary: statistics then span the global batch anyway).
+        symmetric: Also use view 2 as query and view 1 as key; the loss is the mean of both
+            directions and both key batches enter the queue.
+        small_images: CIFAR-style stem for 32-96 px inputs.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        dim: int = 128,
+        hidden_dim: int | None = None,
+        queue_size: int = 65536,
+        momentum: float = 0.999,
+        temperature: float = 0.2,
+        separate_heads: bool = False,
+        shuffle_bn: bool = True,
+        sync_bn: bool = False,
+        symmetric: bool = False,
+        small_images: bool = False,
+    ) -> None:
+        super().__init__()
+        trunk, feature_dim = build_backbone(backbone, small_images=small_images)
+        hidden_dim = hidden_dim or feature_dim
+        head = KindRoutedHead(lambda: MLPHead(feature_dim, hidden_dim, dim), separate=separate_heads)
+        self.query_encoder = ViewEncoder(trunk, head)
+        if sync_bn:
+            self.query_encoder = convert_sync_batchnorm(self.query_encoder)
+        self.key_encoder = momentum_copy(self.query_encoder)
+        self.queue = KeyQueue(queue_size, dim)
+        self.momentum = momentum
+        self.temperature = temperature
+        self.shuffle_bn = shuffle_bn
+        self.symmetric = symmetric
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The query backbone: the network kept for evaluation and transfer."""
+        return self.query_encoder.backbone
+
+    def momentum_update(self) -> None:
+        """Moves the key encoder toward the query encoder: ``k = m k + (1 - m) q``."""
+        ema_update_(self.key_encoder, self.query_encoder, self.momentum)
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
+        """Trainer hook, once after each optimizer step: the momentum update."""
+        self.momentum_update()
+        return {"momentum": self.momentum}
+
+    def dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
+        """Pushes normalised keys ``[N, C]`` from every rank into the queue."""
+        self.queue.enqueue(keys)
+
+    @torch.no_grad()
+    def encode_keys(self, views: list[torch.Tensor], kinds: torch.Tensor) -> list[torch.Tensor]:
+        """Normalised key embeddings of ``views`` (``kinds`` ``[B, V]``), shuffling BN across ranks if set."""
+        if not self.shuffle_bn:
+            return [F.normalize(k, dim=1) for k in self.key_encoder(views, kinds)]
+        shuffled, idx_unshuffle = batch_shuffle([*views, kinds])
+        keys = self.key_encoder(shuffled[:-1], shuffled[-1])
+        return [F.normalize(k, dim=1) for k in batch_unshuffle(keys, idx_unshuffle)]
+
+    def forward(self, batch) -> dict[str, torch.Tensor]:
+        """Computes the contrastive loss of a two-view batch (see :func:`~objcrop.ssl.heads.views_and_kinds`).
+
+        Returns:
+            ``loss``; detached ``acc1`` (positive ranked first), ``pos_sim`` and ``neg_sim``
+            (mean cosine similarity to the positive and to the negatives).
+        """
+        views, kinds = views_and_kinds(batch)
+        if len(views) != 2:
+            raise ValueError(f"MoCo-v2 takes two views, got {len(views)}")
+        query_views, key_views = ([0, 1], [1, 0]) if self.symmetric else ([0], [1])
+        queries = self.query_encoder([views[i] for i in query_views], kinds[:, query_views])
+        queries = [F.normalize(q, dim=1) for q in queries]
+        keys = self.encode_keys([views[i] for i in key_views], kinds[:, key_views])
+        # The clone keeps the negatives the loss saw intact for backward once new keys are enqueued.
+        negatives = self.queue.keys.clone()
+        logits = [contrastive_logits(q, k, negatives) for q, k in zip(queries, keys, strict=True)]
+        loss = torch.stack([info_nce_from_logits(lg, self.temperature) for lg in logits]).mean()
+        if self.training:
+            self.dequeue_and_enqueue(torch.cat(keys))
+        logits_all = torch.cat(logits).detach()
+        return {
+            "loss": loss,
+            "acc1": contrastive_accuracy(logits_all),
+            "pos_sim": logits_all[:, 0].mean(),
+            "neg_sim": logits_all[:, 1:].mean(),
+        }

@@ -1,0 +1,236 @@
+"""MoCo-v2 mechanics: queue, momentum encoder, kind-routed heads, the reference step, shuffle-BN under gloo."""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from objcrop.crops.policies import KIND_CODES
+from objcrop.ssl.heads import KindRoutedHead, MLPHead, views_and_kinds
+from objcrop.ssl.moco import KeyQueue, MoCoV2, batch_shuffle, batch_unshuffle, concat_all_gather
+from objcrop.ssl.reference import reference_moco_v2_step
+
+torch.set_num_threads(1)
+
+OBJ, DIL, SHI, SCENE = (KIND_CODES[k] for k in ("object", "dilated", "shifted", "scene"))
+BATCH, DIM, QUEUE = 8, 16, 64
+
+
+def _tiny_moco(**kwargs) -> MoCoV2:
+    # The standard stem on 32 px images keeps a ResNet-18 step cheap; the small-image stem is
+    # exercised by the DenseCL tests.
+    settings = {"dim": DIM, "hidden_dim": 32, "queue_size": QUEUE}
+    return MoCoV2("resnet18", **(settings | kwargs))
+
+
+def _batch(seed: int = 0, size: int = BATCH) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    views = [torch.randn(size, 3, 32, 32, generator=g) for _ in range(2)]
+    # obj-scene pairs in random order, as the policy swaps them.
+    kinds = torch.tensor([[OBJ, SCENE], [SCENE, OBJ]]).repeat(size // 2, 1)
+    return {"views": views, "kinds": kinds}
+
+
+def test_queue_pointer_wraps_and_holds_latest_keys():
+    queue = KeyQueue(size=10, dim=4)
+    batches = [torch.full((3, 4), float(i)) for i in range(1, 5)]  # 12 keys into 10 slots
+    for keys in batches:
+        queue.enqueue(keys)
+    assert queue.ptr.item() == 2
+    latest = torch.cat(batches)[-10:, 0]
+    fifo = torch.roll(queue.keys, -int(queue.ptr), dims=0)[:, 0]  # oldest first
+    torch.testing.assert_close(fifo, latest)
+    queue.enqueue(torch.arange(25.0).unsqueeze(1).expand(25, 4))  # more keys than slots: keep the last 10
+    assert sorted(queue.keys[:, 0].tolist()) == list(range(15, 25))
+
+
+def test_momentum_update_follows_the_formula_and_key_encoder_gets_no_grad():
+    model = _tiny_moco(momentum=0.9)
+    with torch.no_grad():
+        for p in model.query_encoder.parameters():
+            p.add_(torch.randn_like(p))
+    before_k = [p.clone() for p in model.key_encoder.parameters()]
+    query = [p.clone() for p in model.query_encoder.parameters()]
+    model.after_optimizer_step(step=0, total_steps=10)
+    for k_new, k_old, q in zip(model.key_encoder.parameters(), before_k, query, strict=True):
+        torch.testing.assert_close(k_new, 0.9 * k_old + 0.1 * q, rtol=0, atol=1e-6)
+
+    model({"views": _batch()["views"]})["loss"].backward()
+    assert all(not p.requires_grad and p.grad is None for p in model.key_encoder.parameters())
+    assert all(p.grad is not None for p in model.query_encoder.backbone.parameters())
+
+
+def test_queue_is_filled_in_training_only_and_saved_for_resume():
+    model = _tiny_moco(symmetric=True)
+    model.eval()
+    model(_batch(0))
+    assert model.queue.ptr.item() == 0
+    model.train()
+    out = model(_batch(0))
+    assert model.queue.ptr.item() == 2 * BATCH  # both key batches of the symmetric loss
+    assert set(out) == {"loss", "acc1", "pos_sim", "neg_sim"}
+
+    state = model.state_dict()
+    assert {"queue.keys", "queue.ptr"} <= set(state)
+    resumed = _tiny_moco(symmetric=True)
+    resumed.load_state_dict(state)
+    torch.testing.assert_close(resumed(_batch(1))["loss"], model(_batch(1))["loss"])
+    torch.testing.assert_close(resumed.queue.keys, model.queue.keys)
+
+
+@pytest.mark.parametrize("evaluate_all", [True, False])
+def test_routed_head_sends_each_kind_to_its_head(evaluate_all):
+    torch.manual_seed(0)
+    head = KindRoutedHead(lambda: nn.Linear(4, 3), separate=True, evaluate_all=evaluate_all)
+    assert len(head.heads) == 2
+    x = torch.randn(6, 4)
+    kinds = torch.tensor([OBJ, SCENE, DIL, OBJ, SHI, SCENE])
+    out = head(x, kinds)
+    expected = torch.stack([head.heads[0 if k == OBJ else 1](x[i]) for i, k in enumerate(kinds.tolist())])
+    torch.testing.assert_close(out, expected)
+
+    out[kinds == OBJ].sum().backward()
+    torch.testing.assert_close(head.heads[0].weight.grad, x[kinds == OBJ].sum(0).expand(3, 4))
+    assert not head.heads[1].weight.grad.any()  # head 1 ran, but on no sample of this loss
+
+
+def test_routing_choice_and_validation():
+    assert KindRoutedHead(lambda: nn.Linear(4, 3)).evaluate_all
+    assert not KindRoutedHead(lambda: MLPHead(4, 8, 3, batch_norm=True)).evaluate_all
+    shared = KindRoutedHead(lambda: nn.Linear(4, 3), separate=False)
+    assert len(shared.heads) == 1
+    x, kinds = torch.randn(5, 4), torch.tensor([OBJ, SCENE, DIL, OBJ, SHI])
+    torch.testing.assert_close(shared(x, kinds), shared.heads[0](x))
+    with pytest.raises(ValueError, match="kinds_to_head"):
+        KindRoutedHead(lambda: nn.Linear(4, 3), kinds_to_head={"object": 0})
+    with pytest.raises(ValueError, match="kinds must have shape"):
+        KindRoutedHead(lambda: nn.Linear(4, 3))(x, kinds[:3])
+
+
+def test_batch_routing_and_validation():
+    batch = _batch()
+    views, kinds = views_and_kinds((batch["views"][0], batch["views"][1]))
+    assert kinds.shape == (BATCH, 2) and bool((kinds == SCENE).all())
+    with pytest.raises(ValueError, match="kinds must have shape"):
+        views_and_kinds({"views": batch["views"], "kinds": batch["kinds"][:, :1]})
+
+
+def test_separate_heads_get_gradients_only_from_their_views_and_view_order_does_not_matter():
+    torch.manual_seed(0)
+    model = _tiny_moco(separate_heads=True, symmetric=True)
+    batch = _batch()
+    model.eval()  # keep the queue fixed between the two calls; BatchNorm uses running stats
+    loss = model(batch)["loss"]
+    swapped = {"views": batch["views"][::-1], "kinds": batch["kinds"].flip(1)}
+    torch.testing.assert_close(model(swapped)["loss"], loss)
+
+    model.train()
+    all_scene = {"views": batch["views"], "kinds": torch.full((BATCH, 2), SCENE)}
+    model(all_scene)["loss"].backward()
+    object_head, context_head = model.query_encoder.head.heads
+    assert all(not p.grad.any() for p in object_head.parameters())
+    assert all(p.grad.abs().sum() > 0 for p in context_head.parameters())
+
+
+def test_step_matches_reference_pseudocode():
+    torch.manual_seed(0)
+    model = _tiny_moco(momentum=0.99)
+    reference = copy.deepcopy(model)
+    f_q = nn.Sequential(reference.query_encoder.backbone, reference.query_encoder.head.heads[0])
+    f_k = nn.Sequential(reference.key_encoder.backbone, reference.key_encoder.head.heads[0])
+    ref_queue = reference.queue.keys.clone()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+    ref_opt = torch.optim.SGD(f_q.parameters(), lr=0.5, momentum=0.9)
+    for step in range(3):
+        batch = _batch(step)
+        loss = model(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.after_optimizer_step(step, 3)
+        x_q, x_k = batch["views"]
+        ref_loss, ref_queue = reference_moco_v2_step(f_q, f_k, ref_queue, x_q, x_k, ref_opt, 0.99, 0.2)
+        torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-5, atol=1e-5)
+    fifo = torch.roll(model.queue.keys, -int(model.queue.ptr), dims=0)
+    torch.testing.assert_close(fifo, ref_queue, rtol=1e-4, atol=1e-5)
+    for p, ref_p in zip(model.key_encoder.parameters(), f_k.parameters(), strict=True):
+        torch.testing.assert_close(p, ref_p, rtol=1e-4, atol=1e-5)
+
+
+def test_a_few_epochs_on_a_small_pool_reduce_the_loss():
+    # Four fixed batches of noisy view pairs; the queue spans two batches, so it never holds
+    # keys of the batch being trained on (with a single fixed batch it would be full of copies
+    # of the positives, and the loss could not fall).
+    torch.manual_seed(0)
+    model = _tiny_moco(queue_size=2 * BATCH, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    pool = torch.randn(4, BATCH, 3, 32, 32, generator=g)
+    x1, x2 = (pool + 0.3 * torch.randn(pool.shape, generator=g) for _ in range(2))
+    scene = torch.full((BATCH, 1), SCENE)
+    for i in (2, 3):  # start from a queue of real keys, as in the steady state
+        model.dequeue_and_enqueue(model.encode_keys([x2[i]], scene)[0])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    losses = []
+    for step in range(12):
+        loss = model((x1[step % 4], x2[step % 4]))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.after_optimizer_step(step, 12)
+        losses.append(loss.item())
+    first_epoch, last_epoch = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last_epoch < first_epoch - 0.3, losses
+
+
+def test_sync_bn_option_converts_both_encoders():
+    model = _tiny_moco(sync_bn=True)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in model.key_encoder.modules())
+    assert torch.isfinite(model(_batch())["loss"])  # one process: SyncBatchNorm acts as BatchNorm
+
+
+def _distributed_worker(rank: int, world: int, init_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        # Shuffle: a permutation of the global batch shared by all tensors; unshuffle undoes it.
+        torch.manual_seed(123)
+        ids = torch.arange(BATCH) + rank * BATCH
+        (shuffled, scaled), idx_unshuffle = batch_shuffle([ids, 10 * ids])
+        assert torch.equal(scaled, 10 * shuffled)
+        everything = concat_all_gather(shuffled)
+        assert sorted(everything.tolist()) == list(range(world * BATCH))
+        assert not torch.equal(everything, torch.arange(world * BATCH))
+        (restored,) = batch_unshuffle([shuffled], idx_unshuffle)
+        assert torch.equal(restored, ids)
+
+        # Same weights on every rank, different data.
+        torch.manual_seed(0)
+        model = _tiny_moco()
+        batch = _batch(seed=rank)
+        views, kinds = views_and_kinds(batch)
+        model.key_encoder.eval()  # per-sample outputs: shuffling must not change any key
+        shuffled_keys = model.encode_keys(views, kinds)
+        plain = nn.functional.normalize(model.key_encoder(views, kinds)[0], dim=1)
+        torch.testing.assert_close(shuffled_keys[0], plain)
+
+        model.train()
+        model(batch)
+        assert model.queue.ptr.item() == world * BATCH
+        queues = concat_all_gather(model.queue.keys.unsqueeze(0))
+        assert torch.equal(queues[0], queues[1])
+
+        model.dequeue_and_enqueue(torch.full((BATCH, DIM), float(rank)))
+        newest = torch.roll(model.queue.keys, -int(model.queue.ptr), dims=0)[-world * BATCH :, 0]
+        assert newest.tolist() == [float(r) for r in range(world) for _ in range(BATCH)]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shuffle_bn_and_queue_across_two_gloo_processes(tmp_path):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
