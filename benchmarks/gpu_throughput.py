@@ -138,7 +138,7 @@ def main() -> None:
         del step
 
     base = next(iter(rows.values()))["img_per_s"]
-    print(f"\n| path | img/s | ms/step | peak GiB | ratio to reference |\n|---|---|---|---|---|")
+    print("\n| path | img/s | ms/step | peak GiB | ratio to reference |\n|---|---|---|---|---|")
     for label, r in rows.items():
         print(
             f"| {label} | {r['img_per_s']:.0f} | {r['ms_per_step']:.1f} | {r['peak_gib']:.1f} | "
