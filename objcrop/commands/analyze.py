@@ -6,6 +6,7 @@ import argparse
 import json
 
 from objcrop.commands._args import add_dataset_args, add_proposal_args, proposals_from_args, records_from_args
+from objcrop.commands.analyze_recall import add_recall_parser
 from objcrop.crops.policies import POLICIES, ViewPairPolicy
 
 
@@ -17,6 +18,7 @@ def register(subparsers) -> None:
     )
     analyses = parser.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
     _register_coverage(analyses)
+    add_recall_parser(analyses)
 
 
 def _register_coverage(analyses) -> None:

@@ -17,6 +17,7 @@ import importlib
 import inspect
 from collections.abc import Callable
 
+from objcrop.proposals.opencv_backends import EdgeBoxes, OpenCVBing, SelectiveSearch
 from objcrop.proposals.random_boxes import RandomBoxProposer
 
 __all__ = ["GT", "BACKENDS", "MissingDependencyError", "backend_names", "backend_options", "make_proposer", "require"]
@@ -29,6 +30,9 @@ class MissingDependencyError(ValueError):
 
 
 BACKENDS: dict[str, Callable] = {
+    "opencv-bing": OpenCVBing,
+    "selective-search": SelectiveSearch,
+    "edgeboxes": EdgeBoxes,
     "random": RandomBoxProposer,
 }
 
