@@ -1,0 +1,261 @@
+"""Detection transfer: COCO AP glue, weights loading, data, schedule, and a smoke run on real COCO images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.ops import FrozenBatchNorm2d
+
+from objcrop.cli import main
+from objcrop.data.coco import read_coco
+from objcrop.data.records import Record, Records
+from objcrop.evaluate.detection import detection_lr_lambda, predict
+from objcrop.evaluate.detection_data import DetectionDataset, collate_detection
+from objcrop.evaluate.detection_metrics import (
+    METRICS,
+    Detections,
+    coco_evaluate,
+    ground_truth_from_json,
+    ground_truth_from_records,
+)
+from objcrop.evaluate.detection_model import backbone_weights, build_detector
+from objcrop.ssl.backbones import build_backbone
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def _records(boxes_per_image: list[list[list[float]]], labels_per_image: list[list[int]], names=("cat", "dog")):
+    recs = [
+        Record(f"{i}.jpg", 400, 300, np.array(b, np.float32).reshape(-1, 4), np.array(lab, np.int32), image_id=10 + i)
+        for i, (b, lab) in enumerate(zip(boxes_per_image, labels_per_image, strict=True))
+    ]
+    return Records.from_records(recs, list(names))
+
+
+def _as_detections(records: Records, score: float = 0.9) -> Detections:
+    counts = np.diff(records.box_offsets)
+    return Detections(
+        np.repeat(records.image_ids, counts),
+        records.boxes.copy(),
+        np.full(len(records.boxes), score, np.float32),
+        records.box_labels.astype(np.int64),
+    )
+
+
+# Small (< 32^2), medium and large (> 96^2) boxes of both classes, one image without boxes.
+BOXES = [[[10, 10, 30, 25], [50, 60, 120, 140]], [[0, 0, 300, 250]], []]
+LABELS = [[0, 1], [1], []]
+
+
+def test_detections_equal_to_ground_truth_give_ap_one():
+    records = _records(BOXES, LABELS)
+    metrics = coco_evaluate(ground_truth_from_records(records), _as_detections(records))
+    assert metrics == pytest.approx({name: 1.0 for name in METRICS})
+
+
+def test_no_detection_gives_zero_and_minus_one_without_objects_of_a_size():
+    records = _records([[[50, 60, 120, 140]]], [[1]])
+    metrics = coco_evaluate(ground_truth_from_records(records), Detections.empty())
+    assert metrics == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "APs": -1.0, "APm": 0.0, "APl": -1.0}
+
+
+def test_shifted_and_wrong_class_detections_lower_the_ap():
+    records = _records(BOXES, LABELS)
+    dets = _as_detections(records)
+    dets.boxes[0] += np.float32(8)  # small box moved by 8 px: IoU well below 0.5
+    dets.labels[1] = 0  # medium box given the wrong class
+    metrics = coco_evaluate(ground_truth_from_records(records), dets)
+    assert 0.0 < metrics["AP"] < 1.0
+    assert metrics["APs"] == 0.0
+    assert metrics["APl"] == pytest.approx(1.0)
+
+
+def test_test_classes_are_matched_by_name_and_unknown_ones_rejected():
+    records = _records(BOXES, LABELS)
+    gt = ground_truth_from_records(records, class_names=["dog", "bird", "cat"])
+    dets = _as_detections(records)
+    dets.labels = np.array([2, 0, 0])  # cat -> 2, dog -> 0 in the detector's classes
+    assert coco_evaluate(gt, dets)["AP"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="unknown to the detector"):
+        ground_truth_from_records(records, class_names=["dog"])
+
+
+def test_original_json_ignores_crowd_and_maps_sparse_category_ids(tmp_path):
+    ann = {
+        "images": [{"id": 7, "file_name": "a.jpg", "width": 200, "height": 100}],
+        "categories": [{"id": 3, "name": "cat"}, {"id": 9, "name": "dog"}],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 9, "bbox": [10, 10, 50, 40], "area": 1500.0, "iscrowd": 0},
+            {"id": 2, "image_id": 7, "category_id": 3, "bbox": [100, 20, 60, 60], "area": 3000.0, "iscrowd": 0},
+            {"id": 3, "image_id": 7, "category_id": 3, "bbox": [0, 60, 200, 40], "area": 8000.0, "iscrowd": 1},
+        ],
+    }
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(ann))
+    records = read_coco(path, tmp_path)
+    dets = _as_detections(records)
+    crowd_hit = Detections(
+        np.array([7]), np.array([[0, 60, 200, 100]], np.float32), np.array([0.99], np.float32), np.array([0])
+    )
+    gt = ground_truth_from_json(path, records.class_names)
+    assert coco_evaluate(gt, Detections.concatenate([dets, crowd_hit]))["AP"] == pytest.approx(1.0)
+    # Scored against the boxes as read, the crowd region is gone and that detection is a false positive.
+    assert coco_evaluate(ground_truth_from_records(records), Detections.concatenate([dets, crowd_hit]))["AP"] < 1.0
+
+
+def test_detection_on_an_unknown_image_is_an_error():
+    records = _records(BOXES, LABELS)
+    stray = Detections(
+        np.array([999]), np.zeros((1, 4), np.float32) + [0, 0, 5, 5], np.ones(1, np.float32), np.zeros(1, np.int64)
+    )
+    with pytest.raises(ValueError, match="not in the ground truth"):
+        coco_evaluate(ground_truth_from_records(records), stray)
+
+
+def test_lr_schedule_warms_up_then_steps():
+    factor = detection_lr_lambda(total_iters=90, warmup_iters=10, warmup_factor=0.001, steps=(2 / 3, 8 / 9), gamma=0.1)
+    assert factor(0) == pytest.approx(0.001)
+    assert factor(5) == pytest.approx(0.5005)
+    assert factor(10) == factor(59) == 1.0
+    assert factor(60) == pytest.approx(0.1)
+    assert factor(80) == pytest.approx(0.01)
+
+
+def _marked_resnet18_state() -> dict[str, torch.Tensor]:
+    trunk, _ = build_backbone("resnet18")
+    state = trunk.state_dict()
+    state["conv1.weight"].fill_(0.123)
+    state["layer4.1.bn2.running_mean"].fill_(0.5)
+    return state
+
+
+def test_torchvision_state_dict_lands_in_the_detector_body(tmp_path):
+    path = tmp_path / "r18.pth"
+    torch.save(_marked_resnet18_state(), path)
+    weights, arch = backbone_weights(path)
+    assert arch is None
+    model = build_detector("resnet18", 2, weights=weights, min_size=64, max_size=96)
+    body = model.backbone.body
+    assert torch.all(body.conv1.weight == 0.123)
+    assert isinstance(body.layer4[1].bn2, FrozenBatchNorm2d)
+    assert torch.all(body.layer4[1].bn2.running_mean == 0.5)
+    trained = {name.split(".")[0] for name, p in body.named_parameters() if p.requires_grad}
+    assert trained == {"layer2", "layer3", "layer4"}  # trainable_layers=3, torchvision's default
+
+
+def test_objcrop_checkpoint_gives_its_backbone_and_arch(tmp_path):
+    from objcrop.ssl.moco import MoCoV2
+
+    method = MoCoV2(backbone="resnet18", queue_size=8, dim=8)
+    with torch.no_grad():
+        method.backbone.conv1.weight.fill_(-0.25)
+    config = {"method": {"name": "moco", "backbone": "resnet18", "queue_size": 8, "dim": 8}}
+    path = tmp_path / "ckpt-00000001.pt"
+    torch.save({"model": method.state_dict(), "step": 1, "config": json.dumps(config)}, path)
+    weights, arch = backbone_weights(path)
+    assert arch == "resnet18"
+    model = build_detector(arch, 3, weights=weights, trainable_layers=5, min_size=64, max_size=96)
+    assert torch.all(model.backbone.body.conv1.weight == -0.25)
+    assert all(p.requires_grad for p in model.backbone.body.parameters())
+
+
+def test_weights_of_another_architecture_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="another architecture"):
+        build_detector("resnet34", 2, weights=_marked_resnet18_state())
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="cannot read weights"):
+        backbone_weights(bad)
+
+
+def test_bn_protocol_trains_norms_in_backbone_fpn_and_box_head():
+    model = build_detector("resnet18", 2, trainable_layers=2, norm="bn", min_size=64, max_size=96)
+    body = model.backbone.body
+    assert isinstance(body.layer4[0].bn1, torch.nn.BatchNorm2d) and body.layer4[0].bn1.weight.requires_grad
+    assert isinstance(body.layer2[0].bn1, FrozenBatchNorm2d)  # frozen stages keep their statistics
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.fpn.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.roi_heads.box_head.modules())
+
+
+def test_dataset_flips_image_and_boxes_and_skips_unreadable(tmp_path):
+    pixels = np.zeros((30, 40, 3), np.uint8)
+    pixels[:, :10] = 255  # bright left band
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    (tmp_path / "broken.png").write_bytes(b"nope")
+    recs = [
+        Record("a.png", 40, 30, np.array([[0, 5, 10, 25]], np.float32), np.array([1], np.int32)),
+        Record("broken.png", 40, 30),
+    ]
+    records = Records.from_records(recs, ["x", "y"], root=str(tmp_path))
+    image, target = DetectionDataset(records)[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 30, 40)
+    assert target["labels"].tolist() == [2]
+    assert target["boxes"].tolist() == [[0, 5, 10, 25]]
+    flipped, ftarget = DetectionDataset(records, hflip_prob=1.0)[0]
+    assert torch.equal(flipped, image.flip(-1))
+    assert ftarget["boxes"].tolist() == [[30, 5, 40, 25]]
+    images, targets, dropped = collate_detection([DetectionDataset(records)[i] for i in range(2)])
+    assert len(images) == len(targets) == 1 and dropped == 1
+
+
+class _WholeImageDetector(torch.nn.Module):
+    """Detects one object of torchvision label 2 covering each whole image."""
+
+    def forward(self, images):
+        assert all(im.dtype == torch.float32 and float(im.max()) <= 1.0 for im in images)
+        return [
+            {
+                "boxes": torch.tensor([[0.0, 0.0, im.shape[2], im.shape[1]]]),
+                "scores": torch.tensor([0.5]),
+                "labels": torch.tensor([2]),
+            }
+            for im in images
+        ]
+
+
+def test_predict_maps_outputs_to_image_ids_and_class_indices(tmp_path):
+    for name, size in (("a.png", (40, 30)), ("b.png", (20, 50))):
+        Image.new("RGB", size, (200, 10, 10)).save(tmp_path / name)
+    recs = [Record("a.png", 40, 30, image_id=5), Record("missing.png", 10, 10, image_id=6), Record("b.png", 20, 50)]
+    records = Records.from_records(recs, ["x", "y"], root=str(tmp_path))
+    dets, seen, skipped = predict(_WholeImageDetector(), DetectionDataset(records), batch_size=2, progress=False)
+    assert seen.tolist() == [5, 2] and skipped == 1
+    assert dets.image_ids.tolist() == [5, 2] and dets.labels.tolist() == [1, 1]
+    assert dets.boxes.tolist() == [[0, 0, 40, 30], [0, 0, 20, 50]]
+
+
+@pytest.mark.slow
+def test_cli_smoke_run_on_coco_images_trains_scores_and_resumes(tmp_path, capsys):
+    tiny, c128 = DATA / "coco_tiny", DATA / "coco128"
+    if not (tiny / "annotations").is_dir() or not (c128 / "annotations").is_dir():
+        pytest.skip(f"shared COCO data not found under {DATA}")
+    torch.set_num_threads(1)
+    weights = tmp_path / "r18.pth"
+    torch.save(build_backbone("resnet18")[0].state_dict(), weights)
+    args = [
+        "detect", "--weights", str(weights), "--arch", "resnet18",
+        "--train-annotations", str(tiny / "annotations" / "instances_train2017.json"),
+        "--train-images", str(tiny / "train2017"),
+        "--test-annotations", str(c128 / "annotations" / "instances_train2017.json"),
+        "--test-images", str(c128 / "train2017"),
+        "--max-train-images", "8", "--max-test-images", "3", "--epochs", "1", "--batch-size", "2",
+        "--min-size", "160", "--max-size", "224", "--proposals-train", "128", "--proposals-test", "100",
+        "--rois-per-image", "64", "--warmup-iters", "2", "--workers", "0", "--out", str(tmp_path / "run"), "--json",
+    ]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for name in METRICS:
+        assert result[name] == -1.0 or 0.0 <= result[name] <= 1.0
+    assert result["train_iters"] == 4 and result["test_images"] == 3 and np.isfinite(result["final_loss"])
+    assert (tmp_path / "run" / "detector.pt").is_file()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["AP"] == result["AP"]
+
+    assert main(args) == 0  # resumes the finished run: no more training, same detector, same scores
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["train_seconds"] < result["train_seconds"]
+    assert {k: again[k] for k in METRICS} == {k: result[k] for k in METRICS}
