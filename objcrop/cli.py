@@ -10,11 +10,13 @@ import sys
 
 # Subcommand modules, in the order ``objcrop --help`` lists them.
 COMMANDS = [
-    "objcrop.commands.show",
-    "objcrop.commands.analyze",
+    "objcrop.commands.demo",
+    "objcrop.commands.synth",
     "objcrop.commands.openimages_subset",
     "objcrop.commands.propose",
-    "objcrop.commands.synth",
+    "objcrop.commands.bing",
+    "objcrop.commands.show",
+    "objcrop.commands.analyze",
     "objcrop.commands.pretrain",
     "objcrop.commands.export",
     "objcrop.commands.linear",
