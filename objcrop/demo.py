@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DemoSettings", "run_demo"]
+__all__ = ["DemoSettings", "pretrain_config", "run_demo"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
-def _pretrain_config(settings: DemoSettings, scenes: Path, store: str, policy: str, out: Path) -> dict:
+def pretrain_config(settings: DemoSettings, scenes: Path, store: str, policy: str, out: Path) -> dict:
     from objcrop.ssl.config import load_config
 
     overrides = {
@@ -169,7 +169,7 @@ def run_demo(out: str | Path = "demo_report", settings: DemoSettings | None = No
         t0 = time.perf_counter()
         _say(f"pretraining MoCo-v2 with {policy} crops ({settings.steps} steps of {settings.batch_size})")
         run_dir = work / f"pretrain-{policy}"
-        config = _pretrain_config(settings, scenes, "gt" if policy == "scene-scene" else store_spec, policy, run_dir)
+        config = pretrain_config(settings, scenes, "gt" if policy == "scene-scene" else store_spec, policy, run_dir)
         result = pretrain(config)
         results[policy] = result
         curves[policy] = _loss_curve(run_dir / "log.csv")
