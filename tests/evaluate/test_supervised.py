@@ -1,0 +1,78 @@
+"""The supervised baseline learns an easy multi-label set, saves a loadable file, and is scored twice."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from objcrop.data.records import Record, Records
+from objcrop.evaluate.backbone import backbone_info, load_backbone
+from objcrop.evaluate.supervised import build_classifier, supervised_baseline
+
+torch.set_num_threads(1)
+SIZE = 16
+COLOURS = ((230, 30, 30), (30, 200, 30))  # class 0: a red square, class 1: a green square
+
+
+def _easy_set(folder, n: int, seed: int) -> Records:
+    """Gray noisy images with a red and/or a green square; the labels say which are present."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        pixels = rng.integers(90, 150, size=(SIZE, SIZE, 3)).astype(np.uint8)
+        present = rng.random(2) < 0.5
+        for c in np.flatnonzero(present):
+            x, y = rng.integers(0, SIZE - 6, size=2)
+            pixels[y : y + 6, x : x + 6] = COLOURS[c]
+        name = f"{seed}-{i}.png"
+        Image.fromarray(pixels).save(folder / name)
+        records.append(Record(name, SIZE, SIZE, labels=np.flatnonzero(present).astype(np.int32)))
+    return Records.from_records(records, ["red", "green"], str(folder))
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("easy")
+    train, test = _easy_set(folder, 32, seed=0), _easy_set(folder, 16, seed=1)
+    out = folder / "run" / "resnet18.pth"
+    result = supervised_baseline(
+        train,
+        test,
+        out,
+        arch="resnet18",
+        small_images=True,
+        size=SIZE,
+        epochs=3,
+        batch_size=16,
+        crop_scale=(0.9, 1.0),
+        probe={"epochs": 10, "lrs": (0.1,), "wds": (0.0,), "cache_dir": folder / "cache"},
+        progress=False,
+    )
+    return result, out
+
+
+def test_training_reduces_the_loss_and_beats_chance(baseline):
+    result, _ = baseline
+    assert len(result.losses) == 3 and result.losses[-1] < result.losses[0]
+    assert result.metric == "mAP" and (result.classes_evaluated, result.classes_skipped) == (2, 0)
+    assert result.head_value > result.chance + 20
+    assert result.linear["metric"] == "mAP" and result.linear["value"] > result.chance
+
+
+def test_saved_file_is_a_torchvision_state_dict_that_load_backbone_reads(baseline):
+    result, out = baseline
+    state = torch.load(out, weights_only=True)
+    assert state["fc.weight"].shape == (2, 512) and "layer4.1.bn2.weight" in state
+    meta = json.loads(out.with_name(out.name + ".json").read_text())
+    assert meta["arch"] == "resnet18" and meta["small_images"] and meta["class_names"] == ["red", "green"]
+    info = backbone_info(out)
+    assert (info.kind, info.arch, info.small_images) == ("state_dict", "resnet18", True)
+    net, dim = load_backbone(out)  # no --arch needed, fc ignored
+    full = build_classifier("resnet18", 2, small_images=True)
+    full.load_state_dict(state)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(full.eval()[:-1](x), net(x))
+    assert dim == 512 and result.checkpoint == str(out)
