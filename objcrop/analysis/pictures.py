@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 from objcrop.crops.policies import ViewPair, ViewPairPolicy
+from objcrop.io import atomic_open
 
 __all__ = ["VIEW_COLORS", "crop_view", "figure_size", "draw_view_pairs", "draw_records", "save_figure"]
 
@@ -277,14 +277,6 @@ def draw_records(
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
     """Writes ``fig`` as a PNG atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi, facecolor="white")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi, facecolor="white")
+    return Path(path)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
+
+from objcrop.io import atomic_open
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -16,19 +17,13 @@ __all__ = ["save_png", "plot_curves", "plot_bars"]
 
 
 def save_png(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Saves ``fig`` as PNG atomically (temp file + rename) and closes it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    """Saves ``fig`` as PNG atomically and closes it."""
     try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, dpi=dpi, bbox_inches="tight", format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def plot_curves(

@@ -16,8 +16,10 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from objcrop.ssl.export import export_detectron2, export_torchvision
 
-    path = export_detectron2(args.checkpoint, args.out) if args.to == "detectron2" else export_torchvision(
-        args.checkpoint, args.out
+    path = (
+        export_detectron2(args.checkpoint, args.out)
+        if args.to == "detectron2"
+        else export_torchvision(args.checkpoint, args.out)
     )
     print(f"wrote {args.to} backbone weights to {path}")
     return 0

@@ -18,9 +18,19 @@ def register(subparsers) -> None:
         ),
     )
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set optim.lr=0.06 (repeatable)")
-    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in train.out")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set optim.lr=0.06 (repeatable)",
+    )
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start from scratch; existing checkpoints in train.out are moved to checkpoints.replaced-<time>",
+    )
     p.add_argument("--check", action="store_true", help="validate the config and exit")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=run)
@@ -33,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         print(json.dumps(config, indent=2))
         return 0
+    from objcrop.ssl.checkpoint import CheckpointError
     from objcrop.ssl.trainer import NonFiniteLossError, pretrain
 
     try:
@@ -40,6 +51,11 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as err:
         print(f"objcrop pretrain: {err}", file=sys.stderr)
         return 3
+    except CheckpointError as err:
+        print(f"objcrop pretrain: error: {err}", file=sys.stderr)
+        return 2
+    if not result.is_main:  # under torchrun, rank 0 reports
+        return 0
     summary = {
         "steps": result.steps,
         "epochs": result.epochs,
@@ -48,7 +64,10 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint": result.checkpoint,
         "skipped_images": result.skipped_images,
         "fallbacks": result.fallbacks,
+        "resumed_from": result.resumed_from,
     }
+    if result.resumed_from and not args.json:
+        print(f"resumed from {result.resumed_from}")
     if args.json:
         print(json.dumps(summary))
     else:

@@ -11,7 +11,6 @@ import csv
 import logging
 import operator
 import os
-import tempfile
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from tqdm import tqdm
 
 from objcrop.data._common import build_records, read_sizes, unique_counts
 from objcrop.data.records import Records
+from objcrop.io import atomic_open
 
 __all__ = [
     "BOX_COLUMNS",
@@ -225,16 +225,8 @@ class OpenImagesSubset:
 
     def write_image_ids(self, path: str | os.PathLike) -> None:
         """Writes the kept ImageIDs, one per line, atomically (temp file in the same folder, then rename)."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".txt")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.writelines(f"{i}\n" for i in self.image_ids)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        with atomic_open(path, "w") as f:
+            f.writelines(f"{i}\n" for i in self.image_ids)
 
 
 def openimages_subset(

@@ -17,7 +17,6 @@ depends only on ``(seed, i)`` and the settings, so the bytes are the same for an
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
@@ -34,6 +33,7 @@ from objcrop.data.synth_backgrounds import BackgroundBank
 from objcrop.data.synth_scene import check_scene_args, render_scene, render_scene_with_areas
 from objcrop.data.synth_shapes import SYNTH_CLASSES
 from objcrop.data.synth_sprites import SpriteBank
+from objcrop.io import write_bytes_atomic, write_json_atomic
 
 __all__ = [
     "SYNTH_CLASSES",
@@ -42,8 +42,6 @@ __all__ = [
     "scene_rng",
     "split_indices",
     "synthesize",
-    "write_bytes_atomic",
-    "write_json_atomic",
 ]
 
 log = logging.getLogger(__name__)
@@ -61,21 +59,6 @@ def split_indices(num_images: int, test_fraction: float, seed: int) -> tuple[np.
     order = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,))).permutation(num_images)
     num_test = int(round(num_images * test_fraction))
     return np.sort(order[num_test:]), np.sort(order[:num_test])
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Writes ``data`` to a temporary file beside ``path``, then renames it over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    write_bytes_atomic(path, json.dumps(obj, separators=(",", ":")).encode("utf-8"))
 
 
 @dataclass(frozen=True)

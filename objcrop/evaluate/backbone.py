@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from objcrop.io import write_json_atomic
 from objcrop.ssl.backbones import build_backbone
 
 __all__ = ["BackboneInfo", "RANDOM_PREFIX", "arch_sidecar", "backbone_info", "load_backbone", "write_arch_sidecar"]
@@ -69,9 +70,7 @@ def arch_sidecar(path: str | os.PathLike) -> Path:
 def write_arch_sidecar(path: str | os.PathLike, arch: str, small_images: bool, **extra) -> Path:
     """Writes ``<path>.json`` with the architecture of the state dict at ``path`` (atomically)."""
     sidecar = arch_sidecar(path)
-    tmp = sidecar.with_name(f".{sidecar.name}.tmp")
-    tmp.write_text(json.dumps({"arch": arch, "small_images": bool(small_images), **extra}, indent=2) + "\n")
-    os.replace(tmp, sidecar)
+    write_json_atomic(sidecar, {"arch": arch, "small_images": bool(small_images), **extra}, indent=2)
     return sidecar
 
 

@@ -33,6 +33,7 @@ from objcrop.evaluate.detection_metrics import (
     ground_truth_from_records,
 )
 from objcrop.evaluate.detection_model import backbone_weights, build_detector
+from objcrop.io import write_json_atomic
 from objcrop.ssl.checkpoint import atomic_torch_save
 from objcrop.ssl.trainer import EpochSampler, NonFiniteLossError
 
@@ -444,7 +445,4 @@ def run_detection(
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, payload, indent=2)

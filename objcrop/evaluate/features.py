@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from objcrop.crops.augment import IMAGENET_MEAN, IMAGENET_STD
 from objcrop.data.images import ImageReadError, load_image
 from objcrop.data.records import Records
 from objcrop.evaluate.backbone import RANDOM_PREFIX, BackboneInfo, backbone_info, load_backbone
+from objcrop.io import atomic_open, write_json_atomic
 
 __all__ = [
     "READOUT_MODES",
@@ -232,29 +232,15 @@ class FeatureCache:
         array_path, meta_path = self.paths(name)
         self.folder.mkdir(parents=True, exist_ok=True)
         meta_path.unlink(missing_ok=True)
-        _atomic_write(array_path, lambda f: np.save(f, array, allow_pickle=False))
+        with atomic_open(array_path, "wb") as f:
+            np.save(f, array, allow_pickle=False)
         meta = {"key": _jsonable(key), "shape": list(array.shape), "dtype": "float16"}
-        _atomic_write(meta_path, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode("utf-8")))
+        write_json_atomic(meta_path, meta, indent=2)
         return array_path
 
 
 def _jsonable(value: dict) -> dict:
     return json.loads(json.dumps(value))
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a cache is as readable as any output
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def default_cache_dir(spec: str | os.PathLike) -> Path:

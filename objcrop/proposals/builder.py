@@ -24,7 +24,6 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -38,6 +37,7 @@ from tqdm import tqdm
 
 from objcrop import boxes as B
 from objcrop.data.images import ImageReadError, load_image
+from objcrop.io import write_bytes_atomic
 from objcrop.proposals.store import (
     FORMAT_VERSION,
     META_FILE,
@@ -231,14 +231,7 @@ def _write_chunk(path: Path, start: int, results: list[tuple[np.ndarray, np.ndar
         offsets=offsets,
         failed=np.frombuffer(json.dumps(failed).encode("utf-8"), dtype=np.uint8),
     )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getbuffer())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def _read_chunk(path: Path, start: int, end: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from objcrop.io import write_json_atomic
 from objcrop.proposals.gt import gt_proposals
 
 __all__ = [
@@ -88,16 +89,7 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
 
 def write_json(path: str | os.PathLike, obj) -> None:
     """Writes ``obj`` as JSON to ``path`` atomically."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_json_atomic(path, obj, indent=1, sort_keys=True)
 
 
 def _encode_keys(keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

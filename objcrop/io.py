@@ -1,0 +1,64 @@
+"""Atomic file writes: a temporary file in the target's folder, then a rename over the target.
+
+A reader (or a run restarted after ``kill -9``) sees either the old file or the complete new one,
+never a partial write. The rename is atomic on POSIX filesystems; callers that must also survive a
+power loss (checkpoints) fsync before it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["atomic_open", "write_bytes_atomic", "write_text_atomic", "write_json_atomic"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", fsync: bool = False) -> Iterator[IO[Any]]:
+    """Opens a temporary file beside ``path`` for writing; on a clean exit it replaces ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left as it was.
+    """
+    if "w" not in mode:
+        raise ValueError(f"atomic_open writes; mode must contain 'w', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs get the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = None, **kwargs) -> None:
+    """Writes ``obj`` as JSON (compact unless ``indent`` is given) followed by a newline."""
+    separators = (",", ":") if indent is None else None
+    write_text_atomic(path, json.dumps(obj, indent=indent, separators=separators, **kwargs) + "\n")
