@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from objcrop.io import atomic_open
 
 __all__ = ["CheckpointError", "Checkpointer", "atomic_torch_save", "load_checkpoint"]
 
@@ -24,19 +26,8 @@ class CheckpointError(RuntimeError):
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb", fsync=True) as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -77,10 +68,30 @@ class Checkpointer:
         return path
 
     def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path] | None:
-        """The newest checkpoint that loads; damaged ones are reported and skipped. ``None`` if there is none."""
-        for path in reversed(self.paths()):
+        """The newest checkpoint that loads; damaged ones are logged and skipped. ``None`` if there is none.
+
+        Raises:
+            CheckpointError: When checkpoints exist but none of them loads (training from scratch
+                would then silently discard the run).
+        """
+        paths = self.paths()
+        for path in reversed(paths):
             try:
                 return load_checkpoint(path, map_location), path
             except CheckpointError as err:
                 logger.error("%s; falling back to the previous checkpoint", err)
+        if paths:
+            raise CheckpointError(
+                f"none of the {len(paths)} checkpoints in {self.folder} loads (see the errors above); "
+                "remove them to start over"
+            )
         return None
+
+    def set_aside(self) -> Path | None:
+        """Renames the folder of existing checkpoints to ``<folder>.replaced-<time>`` (for a fresh run in
+        the same place); returns the new name, or ``None`` when there was nothing to move."""
+        if not self.paths():
+            return None
+        target = self.folder.with_name(f"{self.folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.folder.rename(target)
+        return target

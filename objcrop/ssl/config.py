@@ -17,12 +17,21 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "DEFAULTS", "load_config", "apply_overrides", "validate_config", "method_class"]
+__all__ = [
+    "ConfigError",
+    "DEFAULTS",
+    "apply_overrides",
+    "build_policy",
+    "load_config",
+    "method_class",
+    "validate_config",
+]
 
 
 class ConfigError(ValueError):
@@ -91,6 +100,31 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
 }
 
+# Numeric keys: (type, smallest allowed value, null allowed).
+NUMBERS: dict[str, tuple[type, float, bool]] = {
+    "crops.delta": (float, 0, False),
+    "crops.topk": (int, 1, False),
+    "crops.min_box_size": (float, 0, False),
+    "crops.size": (int, 1, False),
+    "optim.lr": (float, 1e-12, False),
+    "optim.lr_reference_batch": (int, 1, False),
+    "optim.weight_decay": (float, 0, False),
+    "optim.momentum": (float, 0, False),
+    "optim.warmup_epochs": (float, 0, False),
+    "optim.batch_size": (int, 1, False),
+    "optim.epochs": (int, 1, False),
+    "optim.max_steps": (int, 1, True),
+    "optim.final_lr_factor": (float, 0, False),
+    "optim.trust_coefficient": (float, 0, False),
+    "train.workers": (int, 0, False),
+    "train.seed": (int, 0, False),
+    "train.threads": (int, 1, True),
+    "train.checkpoint_every_steps": (int, 1, False),
+    "train.keep_last": (int, 1, False),
+    "train.log_every_steps": (int, 1, False),
+}
+FLAGS = ("train.channels_last", "train.deterministic", "train.tensorboard", "train.progress")
+
 # Keys that name files or folders which must exist before training starts.
 PATH_KEYS = ("data.annotations", "data.images", "data.labels_csv", "data.classes_csv")
 
@@ -110,6 +144,38 @@ def method_class(name: str):
 
         return DenseCL
     raise ConfigError(f"method.name: unknown method {name!r}; choose from {', '.join(CHOICES['method.name'])}")
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def build_policy(crops: Mapping[str, Any]):
+    """The :class:`~objcrop.crops.policies.ViewPairPolicy` of a config's ``crops`` section."""
+    from objcrop.crops.policies import ViewPairPolicy
+
+    return ViewPairPolicy(
+        crops["policy"],
+        delta=crops["delta"],
+        shift_radius=tuple(crops["shift_radius"]),
+        topk=crops["topk"],
+        scene_scale=tuple(crops["scene_scale"]),
+        object_scale=None if crops["object_scale"] is None else tuple(crops["object_scale"]),
+        scene_ratio=tuple(crops["scene_ratio"]),
+        object_ratio=None if crops["object_ratio"] is None else tuple(crops["object_ratio"]),
+        min_box_size=crops["min_box_size"],
+    )
 
 
 def _merge(base: dict, update: Mapping, prefix: str) -> dict:
@@ -134,7 +200,10 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.06")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return key.strip(), _yaml(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML: {err}") from err
 
 
 def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
@@ -156,7 +225,7 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"config file not found: {path}")
         with open(path, encoding="utf-8") as f:
             try:
-                loaded = yaml.safe_load(f) or {}
+                loaded = _yaml(f) or {}
             except yaml.YAMLError as err:
                 raise ConfigError(f"{path}: not valid YAML: {err}") from err
         if not isinstance(loaded, Mapping):
@@ -196,36 +265,49 @@ def validate_config(config: dict) -> None:
         _pair(config, dotted)
     for dotted in ("crops.object_scale", "crops.object_ratio"):
         _pair(config, dotted, allow_none=True)
-    positive = {
-        "crops.size": int,
-        "crops.topk": int,
-        "optim.batch_size": int,
-        "optim.epochs": int,
-        "optim.lr": float,
-        "train.checkpoint_every_steps": int,
-        "train.keep_last": int,
-        "train.log_every_steps": int,
-    }
-    for dotted, kind in positive.items():
+    for dotted, (kind, minimum, optional) in NUMBERS.items():
+        _number(config, dotted, kind, minimum, optional)
+    for dotted in FLAGS:
         section, key = dotted.split(".")
-        value = config[section][key]
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise ConfigError(f"{dotted}: expected a positive number, got {value!r}")
-        if kind is int and int(value) != value:
-            raise ConfigError(f"{dotted}: expected an integer, got {value!r}")
-    if config["crops"]["delta"] < 0:
-        raise ConfigError(f"crops.delta: must be >= 0, got {config['crops']['delta']}")
-    workers = config["train"]["workers"]
-    if not isinstance(workers, int) or workers < 0:
-        raise ConfigError(f"train.workers: expected an integer >= 0, got {workers!r}")
-    max_steps = config["optim"]["max_steps"]
-    if max_steps is not None and (not isinstance(max_steps, int) or max_steps <= 0):
-        raise ConfigError(f"optim.max_steps: expected a positive integer or null, got {max_steps!r}")
+        if not isinstance(config[section][key], bool):
+            raise ConfigError(f"{dotted}: expected true or false, got {config[section][key]!r}")
+    if config["train"]["precision"] == "fp16" and config["train"]["device"] == "cpu":
+        raise ConfigError("train.precision: fp16 needs a GPU; use bf16 or fp32 with train.device cpu")
+    try:
+        build_policy(config["crops"])
+    except ValueError as err:
+        raise ConfigError(f"crops: {err}") from err
+    _check_method(config["method"])
 
-    method = dict(config["method"])
-    cls = method_class(method.pop("name"))
+
+def _number(config: dict, dotted: str, kind: type, minimum: float, optional: bool) -> None:
+    """``minimum`` is exclusive for 0 with positive quantities: see :data:`NUMBERS`."""
+    section, key = dotted.split(".")
+    value = config[section][key]
+    if value is None and optional:
+        return
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and (kind is float or int(value) == value)
+    if not ok or value < minimum:
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"{dotted}: expected {what} >= {minimum}{' or null' if optional else ''}, got {value!r}")
+
+
+def _check_method(method: Mapping[str, Any]) -> None:
+    """Checks the method's keyword arguments against its signature, then builds it on the meta
+    device (no memory, no compute) so that bad values fail now rather than after the data is read."""
+    import torch
+
+    kwargs = dict(method)
+    cls = method_class(kwargs.pop("name"))
     params = inspect.signature(cls.__init__).parameters
-    for key in method:
+    for key in kwargs:
         if key not in params or key == "self":
             known = ", ".join(p for p in params if p != "self")
             raise ConfigError(f"method.{key}: not a parameter of {cls.__name__}; known: {known}")
+    try:
+        with torch.device("meta"):
+            cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            f"method: {cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): {err}"
+        ) from err

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "init_distributed", "all_reduce_flag"]
+__all__ = ["DistEnv", "all_reduce_flag", "all_reduce_mean", "init_distributed"]
 
 
 @dataclass(frozen=True)
@@ -55,3 +55,12 @@ def all_reduce_flag(flag: bool, env: DistEnv) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=env.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def all_reduce_mean(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """The mean of ``values`` over the ranks (a NaN on any rank makes the mean NaN everywhere)."""
+    if not env.distributed:
+        return values
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values / env.world_size

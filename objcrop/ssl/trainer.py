@@ -13,8 +13,10 @@ uninterrupted run would have seen.
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -30,8 +32,8 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from objcrop.ssl.checkpoint import Checkpointer
-from objcrop.ssl.config import method_class
-from objcrop.ssl.distributed import DistEnv, all_reduce_flag, init_distributed
+from objcrop.ssl.config import build_policy, method_class
+from objcrop.ssl.distributed import DistEnv, all_reduce_flag, all_reduce_mean, init_distributed
 from objcrop.ssl.lars import LARS
 from objcrop.ssl.schedules import warmup_cosine_lambda
 
@@ -87,6 +89,8 @@ class TrainResult:
     checkpoint: str
     skipped_images: int
     fallbacks: int
+    resumed_from: str = ""
+    is_main: bool = True
 
 
 def _resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -117,7 +121,6 @@ def build_dataset(config: dict, records=None):
     """The :class:`~objcrop.crops.dataset.ObjectAwareDataset` a config describes."""
     from objcrop.crops.augment import byol_view_transforms, moco_v2_view_transform
     from objcrop.crops.dataset import ObjectAwareDataset
-    from objcrop.crops.policies import ViewPairPolicy
     from objcrop.data.readers import load_records
     from objcrop.proposals import open_proposals
 
@@ -131,17 +134,7 @@ def build_dataset(config: dict, records=None):
             classes_csv=data["classes_csv"],
         )
     store = open_proposals(str(data["proposals"]), records)
-    policy = ViewPairPolicy(
-        crops["policy"],
-        delta=crops["delta"],
-        shift_radius=tuple(crops["shift_radius"]),
-        topk=crops["topk"],
-        scene_scale=tuple(crops["scene_scale"]),
-        object_scale=None if crops["object_scale"] is None else tuple(crops["object_scale"]),
-        scene_ratio=tuple(crops["scene_ratio"]),
-        object_ratio=None if crops["object_ratio"] is None else tuple(crops["object_ratio"]),
-        min_box_size=crops["min_box_size"],
-    )
+    policy = build_policy(crops)
     size = int(crops["size"])
     transform = byol_view_transforms(size) if crops["augment"] == "byol" else moco_v2_view_transform(size)
     return ObjectAwareDataset(records, store, policy, transform=transform, size=size, seed=config["train"]["seed"])
@@ -158,10 +151,14 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _rng_state() -> dict[str, Any]:
+    """This process's global RNG states as tensors and strings (loadable with ``weights_only=True``)."""
+    # objcrop draws from explicit generators; the legacy global ones are kept for third-party code.
+    _, numpy_key, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()  # noqa: NPY002
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state()[1].astype(np.int64),
-        "numpy_pos": int(np.random.get_state()[2]),
+        "numpy": torch.from_numpy(numpy_key.astype(np.int64)),
+        "numpy_pos": int(numpy_pos),
+        "numpy_gauss": [int(numpy_has_gauss), float(numpy_gauss)],
         "python": json.dumps(random.getstate()),
     }
     if torch.cuda.is_available():
@@ -171,11 +168,21 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"].astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    py = json.loads(state["python"])
-    random.setstate((py[0], tuple(py[1]), py[2]))
+    has_gauss, gauss = state["numpy_gauss"]
+    numpy_key = state["numpy"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", numpy_key, state["numpy_pos"], has_gauss, gauss))  # noqa: NPY002
+    version, internal, gauss_next = json.loads(state["python"])
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _loader_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """The DataLoader's own generator: without one, every new iterator draws its worker base seed from
+    the global torch generator, which a mid-epoch resume would then leave in a different state
+    (and shuffle-BN draws its permutations from that generator)."""
+    (value,) = np.random.SeedSequence([seed, epoch, rank]).generate_state(1, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(value))
 
 
 class Trainer:
@@ -189,7 +196,7 @@ class Trainer:
             torch.set_num_threads(int(tcfg["threads"]))
         seed = int(tcfg["seed"]) + self.env.rank
         torch.manual_seed(seed)
-        np.random.seed(seed)
+        np.random.seed(seed)  # noqa: NPY002 (for third-party code; objcrop uses explicit generators)
         random.seed(seed)
         if tcfg["deterministic"]:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -218,21 +225,11 @@ class Trainer:
         self.dtype = _resolve_precision(tcfg["precision"], self.env.device)
         self.channels_last = bool(tcfg["channels_last"])
         model = build_method(config)
-        if self.env.distributed and config["method"].get("sync_bn"):
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.env.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.method = model
-        if self.env.distributed:
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                model,
-                device_ids=[self.env.local_rank] if self.env.device.type == "cuda" else None,
-                find_unused_parameters=bool(config["method"].get("separate_heads", False)),
-                broadcast_buffers=False,
-            )
-        else:
-            self.model = model
+        self.model = self._wrap_ddp(model) if self.env.distributed else model
 
         lr = float(ocfg["lr"]) * world_batch / float(ocfg["lr_reference_batch"])
         params = [p for p in model.parameters() if p.requires_grad]
@@ -245,7 +242,9 @@ class Trainer:
                 trust_coefficient=ocfg["trust_coefficient"],
             )
         else:
-            self.optimizer = torch.optim.SGD(params, lr=lr, momentum=ocfg["momentum"], weight_decay=ocfg["weight_decay"])
+            self.optimizer = torch.optim.SGD(
+                params, lr=lr, momentum=ocfg["momentum"], weight_decay=ocfg["weight_decay"]
+            )
         warmup = min(int(round(float(ocfg["warmup_epochs"]) * self.steps_per_epoch)), self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine_lambda(self.total_steps, warmup, float(ocfg["final_lr_factor"]))
@@ -258,6 +257,21 @@ class Trainer:
         self.batches_done_in_epoch = 0
         self.skipped = 0
         self.fallbacks = 0
+
+    def _wrap_ddp(self, model: torch.nn.Module) -> torch.nn.Module:
+        # Every rank starts from rank 0's buffers too (the random initial queue above all), which
+        # DDP skips with broadcast_buffers=False. Buffers are not re-broadcast at each forward: the
+        # queues stay equal by construction and each rank keeps its own BatchNorm statistics.
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+        ddp = torch.nn.parallel.DistributedDataParallel
+        newer = "forward_sync_buffers" in inspect.signature(ddp).parameters  # torch >= 2.14 deprecates the other
+        return ddp(
+            model,
+            device_ids=[self.env.local_rank] if self.env.device.type == "cuda" else None,
+            find_unused_parameters=bool(self.config["method"].get("separate_heads", False)),
+            **({"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}),
+        )
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -300,6 +314,20 @@ class Trainer:
         self.fallbacks = int(state["fallbacks"])
 
     def save_checkpoint(self) -> Path | None:
+        """Writes a checkpoint (rank 0) unless a weight or buffer went NaN/inf; collective under DDP.
+
+        Raises:
+            NonFiniteLossError: When the model state holds a non-finite value (a finite loss can still
+                give infinite gradients); the previous checkpoints stay untouched.
+        """
+        tensors = [t for t in self.method.state_dict().values() if t.is_floating_point()]
+        bad = not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+        if all_reduce_flag(bad, self.env):
+            kept = self.checkpointer.paths()
+            raise NonFiniteLossError(
+                f"the model holds NaN/inf values after step {self.step}; stopping without saving. "
+                f"Last good checkpoint: {kept[-1] if kept else 'none'}. Lower optim.lr or use train.precision=fp32."
+            )
         state = self.state_dict()  # collective under DDP: every rank takes part
         if not self.env.is_main:
             return None
@@ -328,6 +356,7 @@ class Trainer:
             drop_last=True,
             persistent_workers=False,
             prefetch_factor=4 if workers else None,
+            generator=_loader_generator(int(self.config["train"]["seed"]), self.epoch, self.env.rank),
         )
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -336,30 +365,49 @@ class Trainer:
         return {"views": views, "kinds": batch["kinds"].to(self.env.device, non_blocking=True)}
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        """One optimizer step on ``batch``; returns its statistics averaged over the ranks.
+
+        Raises:
+            NonFiniteLossError: When the loss is NaN or infinite on any rank (before any weight changes).
+        """
         self.model.train()
         with torch.autocast(self.env.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             out = self.model(self._to_device(batch))
         loss = out["loss"]
-        if all_reduce_flag(not bool(torch.isfinite(loss.detach()).item()), self.env):
+        scalars = {k: v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+        stats = dict(zip(scalars, all_reduce_mean(torch.stack(list(scalars.values())), self.env).tolist(), strict=True))
+        if not math.isfinite(stats["loss"]):
             kept = self.checkpointer.paths()
             raise NonFiniteLossError(
-                f"loss is {loss.item()} at step {self.step} (epoch {self.epoch}); stopping. "
+                f"loss is {stats['loss']} at step {self.step + 1} (epoch {self.epoch}); stopping without saving. "
                 f"Last good checkpoint: {kept[-1] if kept else 'none'}. Lower optim.lr or use train.precision=fp32."
             )
+        stats["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         extra = self.method.after_optimizer_step(self.step, self.total_steps)
-        stats = {k: float(v.detach().float().item()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
         stats.update({k: float(v) for k, v in extra.items()})
-        stats["lr"] = self.optimizer.param_groups[0]["lr"]
         return stats
 
     def fit(self, resume: bool = True) -> TrainResult:
-        if resume:
-            self.resume()
+        """Trains to ``optim.max_steps`` or the last epoch, checkpointing and logging on the way.
+
+        Args:
+            resume: Continue from the newest checkpoint that loads in ``train.out``; otherwise start
+                over and move existing checkpoints to ``checkpoints.replaced-<time>``.
+
+        Raises:
+            NonFiniteLossError: The loss or the weights became NaN/inf; no checkpoint of that state is written.
+            CheckpointError: Checkpoints exist but none of them loads.
+        """
+        resumed_from = self.resume() if resume else None
+        if not resume and self.env.is_main and (moved := self.checkpointer.set_aside()) is not None:
+            logger.warning("not resuming: moved the existing checkpoints of %s to %s", self.out, moved)
+        if self.env.distributed:
+            dist.barrier()  # nobody writes before rank 0 has moved the old checkpoints
         logs = _Logs(self.out, self.env.is_main, self.config["train"]["tensorboard"], resume_step=self.step)
         log_every = int(self.config["train"]["log_every_steps"])
         ckpt_every = int(self.config["train"]["checkpoint_every_steps"])
@@ -405,6 +453,8 @@ class Trainer:
             progress.close()
             logs.close()
         elapsed = time.perf_counter() - t0
+        if self.env.distributed:
+            dist.barrier()
         final = self.checkpointer.paths()
         result = TrainResult(
             steps=self.step,
@@ -415,6 +465,8 @@ class Trainer:
             checkpoint=str(final[-1]) if final else "",
             skipped_images=self.skipped,
             fallbacks=self.fallbacks,
+            resumed_from=str(resumed_from or ""),
+            is_main=self.env.is_main,
         )
         if self.env.is_main:
             logs.plot_loss(self.out / "loss.png")

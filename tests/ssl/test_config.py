@@ -1,0 +1,142 @@
+"""Pretraining configs: overrides, validation before training, and every shipped YAML."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from objcrop.cli import main
+from objcrop.ssl.config import ConfigError, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.fixture
+def data(tmp_path) -> dict[str, str]:
+    """Existing stand-ins for every data path a config can name (validation only checks they exist)."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "store").mkdir()
+    for name in ("train.json", "labels.csv", "classes.csv"):
+        (tmp_path / name).write_text("", encoding="utf-8")
+    return {
+        "data.annotations": str(tmp_path / "train.json"),
+        "data.images": str(tmp_path / "images"),
+        "data.labels_csv": str(tmp_path / "labels.csv"),
+        "data.classes_csv": str(tmp_path / "classes.csv"),
+        "data.proposals": str(tmp_path / "store"),
+        "train.out": str(tmp_path / "run"),
+    }
+
+
+def sets(settings: dict[str, str]) -> list[str]:
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def test_shipped_configs_exist():
+    assert len(CONFIGS) >= 7, CONFIGS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_validates(path, data):
+    """Validation also builds the config's method (on the meta device) and its crop policy."""
+    config = load_config(path, sets(data))
+    assert config["method"]["name"] in ("moco", "byol", "densecl")
+    assert config["data"]["images"] == data["data.images"]
+
+
+def test_overrides_are_parsed_as_yaml(data):
+    config = load_config(
+        None,
+        sets(data)
+        + [
+            "optim.lr=1e-3",
+            "crops.scene_scale=[0.1, 0.9]",
+            "optim.max_steps=null",
+            "train.deterministic=true",
+            "method.queue_size=4096",
+            "train.threads=2",
+        ],
+    )
+    assert config["optim"]["lr"] == pytest.approx(0.001) and isinstance(config["optim"]["lr"], float)
+    assert config["crops"]["scene_scale"] == [0.1, 0.9]
+    assert config["optim"]["max_steps"] is None
+    assert config["train"]["deterministic"] is True
+    assert config["method"] == {"name": "moco", "queue_size": 4096}
+    assert config["train"]["threads"] == 2
+
+
+def test_yaml_file_reads_exponents_without_a_dot(tmp_path, data):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  epochs: 3\nmethod:\n  name: byol\n  base_tau: 99e-2\n", encoding="utf-8")
+    config = load_config(path, [*sets(data), "optim.weight_decay=1.5e-6"])
+    assert config["optim"]["weight_decay"] == pytest.approx(1.5e-6)
+    assert config["method"]["base_tau"] == pytest.approx(0.99)
+    assert config["optim"]["epochs"] == 3
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("optimizer.lr=0.1", "optimizer: unknown config section"),
+        ("optim.learning_rate=0.1", "optim.learning_rate: unknown key"),
+        ("crops.policy=obj-obj-random", "crops.policy: 'obj-obj-random' is not one of"),
+        ("method.name=simclr", "method.name: 'simclr' is not one of"),
+        ("train.precision=fp8", "train.precision"),
+        ("method.queue_sise=1024", "method.queue_sise: not a parameter of MoCoV2"),
+        ("method.backbone=vgg16", "method: MoCoV2(backbone='vgg16'): unknown backbone"),
+        ("optim.batch_size=0", "optim.batch_size: expected an integer >= 1"),
+        ("optim.epochs=2.5", "optim.epochs: expected an integer"),
+        ("optim.momentum=fast", "optim.momentum: expected a number"),
+        ("train.workers=-1", "train.workers: expected an integer >= 0"),
+        ("train.deterministic=maybe", "train.deterministic: expected true or false"),
+        ("crops.scene_scale=[0.5]", "crops.scene_scale: expected a pair"),
+        ("crops.scene_scale=[0.9, 0.5]", "crops: scene_scale must satisfy"),
+        ("data.proposals=/nonexistent/store", "data.proposals"),
+        ("data.images=/nonexistent/images", "data.images: file or folder not found: /nonexistent/images"),
+        ("optim.lr", "expected key=value"),
+        ("lr=0.1", "keys are section.key"),
+        ("optim.lr=[0.1", "not valid YAML"),
+    ],
+)
+def test_bad_settings_raise_config_error_naming_the_key(data, override, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_config(None, [*sets(data), override])
+
+
+def test_bad_method_parameter_for_another_method(data):
+    with pytest.raises(ConfigError, match="method.queue_size: not a parameter of BYOL"):
+        load_config(None, [*sets(data), "method.name=byol", "method.queue_size=1024"])
+
+
+def test_fp16_on_cpu_is_rejected_up_front(data):
+    with pytest.raises(ConfigError, match="train.precision: fp16 needs a GPU"):
+        load_config(None, [*sets(data), "train.device=cpu", "train.precision=fp16"])
+
+
+def test_missing_or_malformed_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [1, 2\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="a config must be a mapping"):
+        load_config(listed)
+
+
+@pytest.mark.parametrize("override", ["optim.bogus=1", "method.queue_sise=8", "crops.policy=nope"])
+def test_cli_stops_before_training_and_creates_no_run_folder(tmp_path, data, capsys, override):
+    config = CONFIGS[0]
+    code = main(["pretrain", "--config", str(config), *[f"--set={s}" for s in sets(data)], "--set", override])
+    assert code == 2
+    assert override.split("=")[0] in capsys.readouterr().err
+    assert not Path(data["train.out"]).exists()
+
+
+def test_cli_check_prints_the_merged_config(tmp_path, data, capsys):
+    code = main(["pretrain", "--config", str(CONFIGS[0]), *[f"--set={s}" for s in sets(data)], "--check"])
+    assert code == 0
+    assert '"proposals"' in capsys.readouterr().out
+    assert not Path(data["train.out"]).exists()

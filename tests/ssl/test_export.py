@@ -1,0 +1,147 @@
+"""Backbone export: torchvision state dicts and Detectron2 pickles in MoCo's converter layout."""
+
+import copy
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from objcrop.cli import main
+from objcrop.data.synth import synthesize
+from objcrop.ssl.checkpoint import atomic_torch_save
+from objcrop.ssl.config import DEFAULTS, load_config
+from objcrop.ssl.export import backbone_from_checkpoint, export_detectron2, export_torchvision, to_detectron2_names
+from objcrop.ssl.trainer import build_method, pretrain
+
+
+def moco_converter_name(k: str) -> str:
+    """The renaming in MoCo's ``detection/convert-pretrain-to-detectron2.py`` (after the encoder prefix)."""
+    if "layer" not in k:
+        k = "stem." + k
+    for t in [1, 2, 3, 4]:
+        k = k.replace(f"layer{t}", f"res{t + 1}")
+    for t in [1, 2, 3]:
+        k = k.replace(f"bn{t}", f"conv{t}.norm")
+    k = k.replace("downsample.0", "shortcut")
+    k = k.replace("downsample.1", "shortcut.norm")
+    return k
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_names_follow_the_moco_converter(arch):
+    with torch.device("meta"):
+        names = [k for k in torchvision.models.get_model(arch).state_dict() if not k.startswith("fc.")]
+    assert [to_detectron2_names(k) for k in names] == [moco_converter_name(k) for k in names]
+    converted = {to_detectron2_names(k) for k in names}
+    assert {"stem.conv1.weight", "stem.conv1.norm.weight", "res2.0.conv1.weight", "res5.1.conv2.norm.bias"} <= converted
+    if arch == "resnet50":
+        assert {"res2.0.shortcut.weight", "res2.0.shortcut.norm.running_var", "res4.5.conv3.norm.running_mean"} <= (
+            converted
+        )
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory) -> Path:
+    """A real checkpoint: one MoCo step on synthetic scenes, ResNet-18 with the normal stem."""
+    tmp = tmp_path_factory.mktemp("export")
+    synthesize(tmp / "scenes", num_images=20, seed=2, size=40, progress=False)
+    settings = {
+        "data.annotations": tmp / "scenes" / "train.json",
+        "data.images": tmp / "scenes" / "images",
+        "crops.size": 32,
+        "method.backbone": "resnet18",
+        "method.dim": 16,
+        "method.queue_size": 64,
+        "optim.batch_size": 8,
+        "optim.max_steps": 1,
+        "train.out": tmp / "run",
+        "train.device": "cpu",
+        "train.precision": "fp32",
+        "train.workers": 0,
+        "train.threads": 1,
+        "train.tensorboard": False,
+        "train.progress": False,
+    }
+    threads = torch.get_num_threads()
+    try:
+        result = pretrain(load_config(None, [f"{k}={v}" for k, v in settings.items()]))
+    finally:
+        torch.set_num_threads(threads)
+    return Path(result.checkpoint)
+
+
+def test_torchvision_export_loads_into_torchvision_resnet(trained_checkpoint, tmp_path):
+    assert main(["export", "--checkpoint", str(trained_checkpoint), "--out", str(tmp_path / "r18.pth")]) == 0
+    weights = torch.load(tmp_path / "r18.pth", weights_only=True)
+    model = torchvision.models.resnet18()
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    trained = torch.load(trained_checkpoint, weights_only=True)["model"]
+    for name, value in model.state_dict().items():
+        if not name.startswith("fc."):
+            assert torch.equal(value, trained[f"query_encoder.backbone.{name}"]), name
+    sidecar = json.loads((tmp_path / "r18.pth.json").read_text())
+    assert sidecar["arch"] == "resnet18" and sidecar["small_images"] is False
+
+
+def test_detectron2_export_holds_the_backbone_under_detectron2_names(trained_checkpoint, tmp_path):
+    out = tmp_path / "r18.pkl"
+    assert main(["export", "--checkpoint", str(trained_checkpoint), "--to", "detectron2", "--out", str(out)]) == 0
+    with open(out, "rb") as f:  # our own file: the test may unpickle it
+        payload = pickle.load(f)
+    assert payload["matching_heuristics"] is True and payload["__author__"] == "objcrop"
+    model = payload["model"]
+    weights = backbone_from_checkpoint(trained_checkpoint)
+    expected = {moco_converter_name(k): v for k, v in weights.items() if not k.endswith("num_batches_tracked")}
+    assert model.keys() == expected.keys()
+    named = {"stem.conv1.weight", "stem.conv1.norm.running_mean", "res3.0.shortcut.weight", "res3.0.shortcut.norm.bias"}
+    assert named <= model.keys()
+    for name, value in expected.items():
+        assert model[name].shape == tuple(value.shape) and (model[name] == value.numpy()).all(), name
+    assert model["stem.conv1.weight"].shape == (64, 3, 7, 7)
+    assert [p.name for p in tmp_path.iterdir()] == ["r18.pkl"]  # no temp file left behind
+
+
+@pytest.mark.parametrize(
+    ("method", "settings", "prefix"),
+    [
+        ("byol", {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32}, "online.backbone."),
+        ("densecl", {"dim": 16, "hidden_dim": 32, "queue_size": 64}, "query_encoder.backbone."),
+    ],
+)
+def test_every_method_exports_its_online_backbone(tmp_path, method, settings, prefix):
+    config = copy.deepcopy(DEFAULTS)
+    config["method"] = {"name": method, "backbone": "resnet18", "separate_heads": True, **settings}
+    model = build_method(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()  # online and momentum copies differ, so a wrong pick would show
+    state = {"model": model.state_dict(), "step": 0, "config": json.dumps(config)}
+    atomic_torch_save(state, tmp_path / "ckpt-00000000.pt")
+    out = export_torchvision(tmp_path / "ckpt-00000000.pt", tmp_path / "b.pth")
+    weights = torch.load(out, weights_only=True)
+    backbone = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    assert weights.keys() == backbone.keys()
+    assert all(torch.equal(weights[k], backbone[k]) for k in weights)
+
+
+def test_small_image_stem_refuses_detectron2(tmp_path):
+    config = copy.deepcopy(DEFAULTS)
+    config["method"] = {"name": "moco", "backbone": "resnet18", "small_images": True, "dim": 16, "queue_size": 64}
+    state = {"model": build_method(config).state_dict(), "step": 0, "config": json.dumps(config)}
+    atomic_torch_save(state, tmp_path / "ckpt-00000000.pt")
+    with pytest.raises(ValueError, match="small-image stem has no Detectron2 equivalent"):
+        export_detectron2(tmp_path / "ckpt-00000000.pt", tmp_path / "b.pkl")
+    assert not (tmp_path / "b.pkl").exists()
+    export_torchvision(tmp_path / "ckpt-00000000.pt", tmp_path / "b.pth")
+    assert json.loads((tmp_path / "b.pth.json").read_text())["small_images"] is True
+
+
+def test_cli_reports_a_damaged_checkpoint(tmp_path, capsys):
+    (tmp_path / "ckpt-00000001.pt").write_bytes(b"not a checkpoint")
+    assert main(["export", "--checkpoint", str(tmp_path / "ckpt-00000001.pt"), "--out", str(tmp_path / "b.pth")]) == 2
+    assert "ckpt-00000001.pt is damaged or not a checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "b.pth").exists()

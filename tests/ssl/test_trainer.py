@@ -1,0 +1,272 @@
+"""The pretraining loop: every method end to end on CPU, exact resumption (also after ``kill -9``),
+non-finite losses, and the DataLoader leaving the global RNG alone."""
+
+import csv
+import json
+import math
+import os
+import re
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from objcrop.data.synth import synthesize
+from objcrop.ssl.checkpoint import load_checkpoint
+from objcrop.ssl.config import load_config
+from objcrop.ssl.moco import MoCoV2
+from objcrop.ssl.trainer import NonFiniteLossError, Trainer, pretrain
+
+REPO = Path(__file__).resolve().parents[2]
+
+METHOD_SETTINGS = {
+    "moco": {"dim": 16, "hidden_dim": 32, "queue_size": 64},
+    "byol": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32},
+    "densecl": {"dim": 16, "hidden_dim": 32, "queue_size": 64, "small_images": True},
+}
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    """64 scenes of 40 px: 51 training images, so 6 batches of 8 per epoch."""
+    out = tmp_path_factory.mktemp("scenes")
+    synthesize(out, num_images=64, seed=0, size=40, progress=False)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_globals():
+    """The trainer sets process-wide torch flags; put them back for the other tests."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def tiny_settings(scenes: Path, out: Path, method: str = "moco", **extra) -> dict:
+    """Dotted settings of a deterministic fp32 run: ResNet-18 at 32 px, batch 8, 2 epochs of 6 steps."""
+    settings = {
+        "data.annotations": str(scenes / "train.json"),
+        "data.images": str(scenes / "images"),
+        "crops.size": 32,
+        "method.name": method,
+        "method.backbone": "resnet18",
+        **{f"method.{k}": v for k, v in METHOD_SETTINGS[method].items()},
+        "optim.batch_size": 8,
+        "optim.lr_reference_batch": 8,
+        "optim.epochs": 2,
+        "optim.warmup_epochs": 0.5,
+        "train.out": str(out),
+        "train.device": "cpu",
+        "train.precision": "fp32",
+        "train.channels_last": False,
+        "train.workers": 0,
+        "train.threads": 1,
+        "train.deterministic": True,
+        "train.checkpoint_every_steps": 2,
+        "train.log_every_steps": 1,
+        "train.tensorboard": False,
+        "train.progress": False,
+    }
+    settings.update(extra)
+    return settings
+
+
+def tiny_config(scenes: Path, out: Path, method: str = "moco", **extra) -> dict:
+    settings = tiny_settings(scenes, out, method, **extra)
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()])
+
+
+def write_yaml(settings: dict, path: Path) -> Path:
+    nested: dict = {}
+    for dotted, value in settings.items():
+        section, key = dotted.split(".")
+        nested.setdefault(section, {})[key] = value
+    path.write_text(yaml.safe_dump(nested), encoding="utf-8")
+    return path
+
+
+def log_rows(out: Path) -> list[dict]:
+    with open(out / "log.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def final_model(out: Path) -> dict:
+    ckpts = sorted((out / "checkpoints").glob("ckpt-*.pt"))
+    return load_checkpoint(ckpts[-1])["model"]
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
+
+
+@pytest.fixture(scope="module")
+def reference_run(scenes, tmp_path_factory) -> Path:
+    """An uninterrupted 8-step MoCo run (crosses the epoch boundary after step 6)."""
+    out = tmp_path_factory.mktemp("reference")
+    # Checkpoints only at the epoch end and the last step: saving must not change the run.
+    result = pretrain(tiny_config(scenes, out, **{"optim.max_steps": 8, "train.checkpoint_every_steps": 100}))
+    assert result.steps == 8 and result.epochs == 1
+    return out
+
+
+@pytest.mark.parametrize("method", ["moco", "byol", "densecl"])
+@pytest.mark.parametrize("separate_heads", [False, True])
+def test_each_method_trains_end_to_end(scenes, tmp_path, method, separate_heads):
+    config = tiny_config(scenes, tmp_path, method, **{"method.separate_heads": separate_heads, "optim.max_steps": 2})
+    if method == "byol":
+        config["optim"]["name"] = "lars"
+    result = pretrain(config)
+    assert result.steps == 2
+    assert math.isfinite(result.final_loss)
+    assert Path(result.checkpoint).name == "ckpt-00000002.pt"
+    state = load_checkpoint(result.checkpoint)
+    assert state["step"] == 2 and state["batches_done_in_epoch"] == 2
+    rows = log_rows(tmp_path)
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    assert all(math.isfinite(float(r["loss"])) for r in rows)
+    assert float(rows[0]["lr"]) > 0  # the logged rate is the one the step used
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    heads = [k for k in state["model"] if ".heads.1." in k]
+    assert bool(heads) == separate_heads
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_mid_epoch_matches_uninterrupted_run(scenes, tmp_path, reference_run):
+    """A CLI run killed after its step-4 checkpoint, resumed, ends with the reference run's weights.
+
+    The killed run uses a DataLoader worker and the resumed one none: samples depend only on
+    (seed, epoch, index). Checkpoints the killed run may have written after step 4 are removed, as if
+    the kill had come right after step 4, so the resumption always starts mid-epoch (step 4 of 6) and
+    crosses the epoch boundary.
+    """
+    settings = tiny_settings(scenes, tmp_path / "run", **{"optim.max_steps": 8, "train.workers": 1})
+    cfg = write_yaml(settings, tmp_path / "config.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "killed.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "objcrop", "pretrain", "--config", str(cfg)], stdout=log, stderr=log, env=env
+        )
+        target = tmp_path / "run" / "checkpoints" / "ckpt-00000004.pt"
+        deadline = time.monotonic() + 300
+        while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        finished = proc.poll() is not None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not finished, (tmp_path / "killed.log").read_text()
+    assert target.exists(), "no step-4 checkpoint within 300 s"
+    for later in (tmp_path / "run" / "checkpoints").glob("ckpt-*.pt"):
+        if int(later.stem.split("-")[1]) > 4:
+            later.unlink()
+
+    result = pretrain(load_config(cfg, ["train.workers=0"]))
+    assert Path(result.resumed_from).name == "ckpt-00000004.pt"
+    assert result.steps == 8 and result.epochs == 1
+    assert_same_state(final_model(tmp_path / "run"), final_model(reference_run))
+    # The log is continued, not duplicated, and shows the reference run's losses.
+    resumed, reference = log_rows(tmp_path / "run"), log_rows(reference_run)
+    assert [r["step"] for r in resumed] == [r["step"] for r in reference] == [str(s) for s in range(1, 9)]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]
+
+
+def test_resume_from_epoch_end_checkpoint_matches_uninterrupted_run(scenes, tmp_path, reference_run, monkeypatch):
+    """Interrupted right after the epoch-end checkpoint (step 6), the run resumes in epoch 1."""
+    config = tiny_config(scenes, tmp_path, **{"optim.max_steps": 8, "train.checkpoint_every_steps": 100})
+    step = Trainer.train_step
+
+    def interrupt_at_step_7(self, batch):
+        if self.step == 6:
+            raise KeyboardInterrupt
+        return step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupt_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(config)
+    monkeypatch.undo()
+    state = load_checkpoint(tmp_path / "checkpoints" / "ckpt-00000006.pt")
+    assert (state["epoch"], state["batches_done_in_epoch"]) == (1, 0)
+
+    result = pretrain(config)
+    assert Path(result.resumed_from).name == "ckpt-00000006.pt"
+    assert result.steps == 8
+    assert_same_state(final_model(tmp_path), final_model(reference_run))
+
+
+def test_no_resume_sets_old_checkpoints_aside(scenes, tmp_path, reference_run):
+    config = tiny_config(scenes, tmp_path, **{"optim.max_steps": 1})
+    pretrain(config)
+    pretrain(config, resume=False)
+    aside = list(tmp_path.glob("checkpoints.replaced-*"))
+    assert len(aside) == 1 and (aside[0] / "ckpt-00000001.pt").exists()
+    assert (tmp_path / "checkpoints" / "ckpt-00000001.pt").exists()
+    assert [r["step"] for r in log_rows(tmp_path)] == ["1"]
+
+
+def test_loader_does_not_draw_from_the_global_torch_generator(scenes, tmp_path):
+    """Otherwise a mid-epoch resume leaves the global stream (shuffle-BN's permutations) elsewhere."""
+    trainer = Trainer(tiny_config(scenes, tmp_path, **{"train.workers": 1}))
+    before = torch.get_rng_state()
+    next(iter(trainer._loader()))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(scenes, tmp_path, monkeypatch):
+    forward = MoCoV2.forward
+    calls = []
+
+    def nan_at_third_step(self, batch):
+        out = forward(self, batch)
+        calls.append(1)
+        if len(calls) == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(MoCoV2, "forward", nan_at_third_step)
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 3 .*ckpt-00000002\.pt"):
+        pretrain(tiny_config(scenes, tmp_path, **{"train.checkpoint_every_steps": 1}))
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["ckpt-00000001.pt", "ckpt-00000002.pt"]
+
+
+def test_huge_learning_rate_is_caught_before_a_bad_checkpoint(scenes, tmp_path):
+    """With lr 1e12 the weights blow up: either the loss or the checkpoint guard stops the run."""
+    config = tiny_config(scenes, tmp_path, **{"optim.lr": 1.0e12, "optim.warmup_epochs": 0, "optim.max_steps": 6})
+    with pytest.raises(NonFiniteLossError):
+        pretrain(config)
+    for path in (tmp_path / "checkpoints").glob("ckpt-*.pt"):
+        model = load_checkpoint(path)["model"]
+        assert all(torch.isfinite(t).all() for t in model.values() if t.is_floating_point()), path
+
+
+def test_non_finite_weights_are_not_saved(scenes, tmp_path, monkeypatch):
+    after = MoCoV2.after_optimizer_step
+
+    def poison_after_step_3(self, step, total_steps):
+        stats = after(self, step, total_steps)
+        if step == 2:  # 0-based: the third step
+            with torch.no_grad():
+                next(self.query_encoder.parameters()).fill_(float("inf"))
+        return stats
+
+    monkeypatch.setattr(MoCoV2, "after_optimizer_step", poison_after_step_3)
+    with pytest.raises(NonFiniteLossError, match="NaN/inf values after step 3"):
+        pretrain(tiny_config(scenes, tmp_path, **{"train.checkpoint_every_steps": 1}))
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["ckpt-00000001.pt", "ckpt-00000002.pt"]
+
+
+def test_gpu_throughput_benchmark_runs_quick_on_cpu(capsys):
+    """The GPU benchmark's crash test: tiny settings, CPU; ours and the reference agree on the fp32 loss."""
+    script = runpy.run_path(str(REPO / "benchmarks" / "gpu_throughput.py"))
+    script["main"](["--quick", "--device", "cpu"])
+    out = capsys.readouterr().out
+    difference = float(re.search(r"\|difference\| = (\S+)", out).group(1))
+    assert difference < 1e-4
+    assert re.search(r"reference fp32 +\d", out) and re.search(r"ours \(\w+, \w+\) +\d", out)
