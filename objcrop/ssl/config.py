@@ -88,6 +88,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "log_every_steps": 10,
         "tensorboard": True,
         "progress": True,
+        "knn_every_epochs": 0,
+        "knn_test_annotations": None,
+        "knn_size": None,
     },
 }
 
@@ -122,11 +125,13 @@ NUMBERS: dict[str, tuple[type, float, bool]] = {
     "train.checkpoint_every_steps": (int, 1, False),
     "train.keep_last": (int, 1, False),
     "train.log_every_steps": (int, 1, False),
+    "train.knn_every_epochs": (int, 0, False),
+    "train.knn_size": (int, 1, True),
 }
 FLAGS = ("train.channels_last", "train.deterministic", "train.tensorboard", "train.progress")
 
 # Keys that name files or folders which must exist before training starts.
-PATH_KEYS = ("data.annotations", "data.images", "data.labels_csv", "data.classes_csv")
+PATH_KEYS = ("data.annotations", "data.images", "data.labels_csv", "data.classes_csv", "train.knn_test_annotations")
 
 
 def method_class(name: str):
@@ -258,6 +263,8 @@ def validate_config(config: dict) -> None:
             raise ConfigError(f"{dotted}: file or folder not found: {value}")
     if config["data"]["images"] is None:
         raise ConfigError("data.images: required (folder of the training images)")
+    if config["train"]["knn_every_epochs"] and config["train"]["knn_test_annotations"] is None:
+        raise ConfigError("train.knn_test_annotations: required when train.knn_every_epochs > 0 (the test split)")
     proposals = config["data"]["proposals"]
     if proposals != "gt" and not os.path.isdir(str(proposals)):
         raise ConfigError(f"data.proposals: expected 'gt' or a proposal store folder, not found: {proposals}")

@@ -257,6 +257,7 @@ class Trainer:
         self.batches_done_in_epoch = 0
         self.skipped = 0
         self.fallbacks = 0
+        self.knn_monitor = self._build_knn_monitor() if self.env.is_main else None
 
     def _wrap_ddp(self, model: torch.nn.Module) -> torch.nn.Module:
         # Every rank starts from rank 0's buffers too (the random initial queue above all), which
@@ -392,6 +393,31 @@ class Trainer:
         stats.update({k: float(v) for k, v in extra.items()})
         return stats
 
+    def _build_knn_monitor(self):
+        """The optional kNN monitor (``train.knn_every_epochs``): test mAP of the backbone on subsets."""
+        tcfg, data = self.config["train"], self.config["data"]
+        if not tcfg["knn_every_epochs"] or not hasattr(self.dataset, "records"):
+            return None
+        from objcrop.data.readers import load_records
+        from objcrop.evaluate.knn import KNNMonitor
+
+        test = load_records(
+            data["format"],
+            annotations=tcfg["knn_test_annotations"],
+            images=data["images"],
+            labels_csv=data["labels_csv"],
+            classes_csv=data["classes_csv"],
+        )
+        size = int(tcfg["knn_size"] or self.config["crops"]["size"])
+        return KNNMonitor(self.dataset.records, test, size=size, every_epochs=int(tcfg["knn_every_epochs"]))
+
+    def _monitor(self, logs) -> None:
+        if self.knn_monitor is None or self.epoch % self.knn_monitor.every_epochs:
+            return
+        stats = self.knn_monitor(self.method.backbone)
+        logger.info("epoch %d kNN: %s", self.epoch, ", ".join(f"{k} {v:.2f}" for k, v in stats.items()))
+        logs.write_eval(self.step, self.epoch, stats)
+
     def fit(self, resume: bool = True) -> TrainResult:
         """Trains to ``optim.max_steps`` or the last epoch, checkpointing and logging on the way.
 
@@ -445,6 +471,7 @@ class Trainer:
                         self.epoch += 1
                         self.batches_done_in_epoch = 0
                         self.save_checkpoint()
+                        self._monitor(logs)
                     elif self.step % ckpt_every == 0 or done:
                         self.save_checkpoint()
                     if done:
@@ -509,6 +536,21 @@ class _Logs:
         if self.writer is not None:
             for key, value in stats.items():
                 self.writer.add_scalar(f"train/{key}", value, step)
+
+    def write_eval(self, step: int, epoch: int, stats: dict[str, float]) -> None:
+        """Appends evaluation results (kNN monitor) to ``eval.csv`` and TensorBoard's ``eval/``."""
+        if not self.enabled:
+            return
+        path = self.path.with_name("eval.csv")
+        new = not path.exists()
+        with open(path, "a", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=["step", "epoch", *stats])
+            if new:
+                writer.writeheader()
+            writer.writerow({"step": step, "epoch": epoch, **{k: f"{v:.4f}" for k, v in stats.items()}})
+        if self.writer is not None:
+            for key, value in stats.items():
+                self.writer.add_scalar(f"eval/{key}", value, step)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -19,7 +19,7 @@ import yaml
 
 from objcrop.data.synth import synthesize
 from objcrop.ssl.checkpoint import load_checkpoint
-from objcrop.ssl.config import load_config
+from objcrop.ssl.config import ConfigError, load_config
 from objcrop.ssl.moco import MoCoV2
 from objcrop.ssl.trainer import NonFiniteLossError, Trainer, pretrain
 
@@ -270,3 +270,26 @@ def test_gpu_throughput_benchmark_runs_quick_on_cpu(capsys):
     difference = float(re.search(r"\|difference\| = (\S+)", out).group(1))
     assert difference < 1e-4
     assert re.search(r"reference fp32 +\d", out) and re.search(r"ours \(\w+, \w+\) +\d", out)
+
+
+def test_knn_monitor_logs_test_map_every_epoch(scenes, tmp_path):
+    config = tiny_config(
+        scenes,
+        tmp_path,
+        **{
+            "optim.max_steps": 12,
+            "train.knn_every_epochs": 1,
+            "train.knn_test_annotations": str(scenes / "test.json"),
+        },
+    )
+    pretrain(config)
+    with open(tmp_path / "eval.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(0 <= float(r["knn_map@20"]) <= 100 for r in rows)
+    assert all(math.isfinite(float(r["loss"])) for r in log_rows(tmp_path))  # the training log is untouched
+
+
+def test_knn_monitor_needs_a_test_split(scenes, tmp_path):
+    with pytest.raises(ConfigError, match="train.knn_test_annotations"):
+        tiny_config(scenes, tmp_path, **{"train.knn_every_epochs": 1})
