@@ -27,16 +27,21 @@ ARMS = ("scene-scene", "obj-scene", "obj-obj-dilate")
 
 @dataclass
 class DemoSettings:
-    """Sizes of the demo. The defaults fit about 15 minutes on 2 CPU cores."""
+    """Sizes of the demo. The defaults fit about 15 minutes on 2 CPU cores.
+
+    One training thread and one loader worker: on 2 cores, a 2-thread training step that shares its
+    cores with the loader (or anything else) runs several times slower, not faster.
+    """
 
     images: int = 1000
     image_size: int = 128
-    view_size: int = 64
-    steps: int = 300
+    view_size: int = 32
+    steps: int = 320
     batch_size: int = 64
     queue_size: int = 512
-    readout_size: int = 128
-    workers: int = 2
+    readout_size: int = 64
+    workers: int = 1
+    threads: int = 1
     seed: int = 0
     proposals: str = "bing"
     arms: tuple[str, ...] = ARMS
@@ -69,7 +74,7 @@ def pretrain_config(settings: DemoSettings, scenes: Path, store: str, policy: st
         "method.queue_size": settings.queue_size,
         "method.momentum": 0.99,
         "method.temperature": 0.2,
-        "method.symmetric": True,
+        "method.symmetric": False,
         "optim.lr": 0.06,
         "optim.batch_size": settings.batch_size,
         "optim.epochs": 10_000,
@@ -78,6 +83,7 @@ def pretrain_config(settings: DemoSettings, scenes: Path, store: str, policy: st
         "optim.weight_decay": 5e-4,
         "train.out": str(out),
         "train.workers": settings.workers,
+        "train.threads": settings.threads,
         "train.seed": settings.seed,
         "train.checkpoint_every_steps": max(settings.steps // 3, 1),
         "train.keep_last": 1,

@@ -13,7 +13,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="demo_report", help="report folder (default demo_report/)")
     p.add_argument("--quick", action="store_true", help="a tiny run of every step (a minute or two)")
     p.add_argument("--proposals", choices=("bing", "gt"), default="bing", help="proposals of the object arms")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=1, help="loader / proposal worker processes")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
