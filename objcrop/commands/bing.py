@@ -53,6 +53,11 @@ def register(subparsers) -> None:
     train.add_argument("--bases", type=int, default=2, help="binary basis vectors of the filter, Nw (default 2)")
     train.add_argument("--bits", type=int, default=4, help="gradient bit planes, Ng (default 4)")
     train.add_argument("--nss", type=int, default=2, help="non-maximum suppression radius in map cells (default 2)")
+    train.add_argument(
+        "--rescore",
+        action="store_true",
+        help="also learn a rescorer of the best windows (better ranking, slower detection)",
+    )
     train.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -79,6 +84,7 @@ def run_train(args: argparse.Namespace) -> int:
         num_bases=args.bases,
         num_bits=args.bits,
         nss=args.nss,
+        rescore=args.rescore,
         seed=args.seed,
     )
     start = time.perf_counter()

@@ -29,7 +29,15 @@ class MissingDependencyError(ValueError):
     """A backend's optional dependency is not installed."""
 
 
+def _bing(model: str, topk: int = 1000, binarized: bool = True, per_size: int = 0, rescore: bool = True):
+    """Our BING (``objcrop bing train``); imported on use so that the registry does not load numba."""
+    from objcrop.proposals.bing import BingProposer
+
+    return BingProposer(model, topk=topk, binarized=binarized, per_size=per_size, rescore=rescore)
+
+
 BACKENDS: dict[str, Callable] = {
+    "bing": _bing,
     "opencv-bing": OpenCVBing,
     "selective-search": SelectiveSearch,
     "edgeboxes": EdgeBoxes,
