@@ -25,7 +25,7 @@ from objcrop.ssl.losses import (
     densecl_loss,
     info_nce_from_logits,
 )
-from objcrop.ssl.moco import KeyQueue, batch_shuffle, batch_unshuffle, ema_update_, momentum_copy
+from objcrop.ssl.moco import KeyQueue, MomentumEncoders, batch_shuffle, batch_unshuffle, momentum_copy
 
 __all__ = ["DENSE_QUEUES", "DenseCL", "DenseEncoder", "DenseOutput"]
 
@@ -66,7 +66,7 @@ class DenseEncoder(nn.Module):
         return [DenseOutput(*parts) for parts in zip(maps, embeddings.split(size), grids.split(size), strict=True)]
 
 
-class DenseCL(nn.Module):
+class DenseCL(MomentumEncoders):
     """DenseCL: global InfoNCE + dense InfoNCE, ``loss = (1 - lambda) global + lambda dense``.
 
     Args:
@@ -127,20 +127,6 @@ class DenseCL(nn.Module):
         self.lambda_ = lambda_
         self.shuffle_bn = shuffle_bn
         self.symmetric = symmetric
-
-    @property
-    def backbone(self) -> nn.Module:
-        """The query backbone (returns the C5 map): the network kept for evaluation and transfer."""
-        return self.query_encoder.backbone
-
-    def momentum_update(self) -> None:
-        """Moves the key encoder toward the query encoder: ``k = m k + (1 - m) q``."""
-        ema_update_(self.key_encoder, self.query_encoder, self.momentum)
-
-    def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
-        """Trainer hook, once after each optimizer step: the momentum update."""
-        self.momentum_update()
-        return {"momentum": self.momentum}
 
     @torch.no_grad()
     def encode_keys(self, views: list[torch.Tensor], kinds: torch.Tensor) -> list[DenseOutput]:

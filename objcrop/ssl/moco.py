@@ -31,6 +31,7 @@ from objcrop.ssl.losses import contrastive_accuracy, contrastive_logits, info_nc
 __all__ = [
     "KeyQueue",
     "MoCoV2",
+    "MomentumEncoders",
     "batch_shuffle",
     "batch_unshuffle",
     "concat_all_gather",
@@ -139,7 +140,30 @@ class KeyQueue(nn.Module):
         self.ptr.copy_((self.ptr + keys.shape[0]) % size)
 
 
-class MoCoV2(nn.Module):
+class MomentumEncoders(nn.Module):
+    """What MoCo-style methods share: a query encoder, its momentum (EMA) copy as key encoder, and the
+    trainer hook that updates the copy. Subclasses set ``query_encoder``, ``key_encoder`` and ``momentum``."""
+
+    query_encoder: nn.Module
+    key_encoder: nn.Module
+    momentum: float
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The query backbone: the network kept for evaluation and transfer."""
+        return self.query_encoder.backbone
+
+    def momentum_update(self) -> None:
+        """Moves the key encoder toward the query encoder: ``k = m k + (1 - m) q``."""
+        ema_update_(self.key_encoder, self.query_encoder, self.momentum)
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
+        """Trainer hook, once after each optimizer step: the momentum update."""
+        self.momentum_update()
+        return {"momentum": self.momentum}
+
+
+class MoCoV2(MomentumEncoders):
     """MoCo-v2: query encoder, momentum key encoder and a queue of negative keys.
 
     Args:
@@ -186,20 +210,6 @@ class MoCoV2(nn.Module):
         self.temperature = temperature
         self.shuffle_bn = shuffle_bn
         self.symmetric = symmetric
-
-    @property
-    def backbone(self) -> nn.Module:
-        """The query backbone: the network kept for evaluation and transfer."""
-        return self.query_encoder.backbone
-
-    def momentum_update(self) -> None:
-        """Moves the key encoder toward the query encoder: ``k = m k + (1 - m) q``."""
-        ema_update_(self.key_encoder, self.query_encoder, self.momentum)
-
-    def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
-        """Trainer hook, once after each optimizer step: the momentum update."""
-        self.momentum_update()
-        return {"momentum": self.momentum}
 
     def dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
         """Pushes normalised keys ``[N, C]`` from every rank into the queue."""
