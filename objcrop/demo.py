@@ -165,7 +165,8 @@ def run_demo(out: str | Path = "demo_report", settings: DemoSettings | None = No
     policies = [ViewPairPolicy(name, delta=0.1) for name in settings.arms]
     save_figure(draw_records(train, store, [0, 1], policies, pairs=3, seed=settings.seed), out / "crops.png")
     cover = {}
-    for label, source in (("gt", gt_store), (settings.proposals, store)):
+    sources = {"gt": gt_store, settings.proposals: store}  # one entry when the arms use GT boxes themselves
+    for label, source in sources.items():
         cover[label] = [coverage(train, source, p, pairs_per_image=20, seed=settings.seed) for p in policies]
     lap("coverage", t0)
 
