@@ -170,7 +170,10 @@ class MoCoV2(MomentumEncoders):
         backbone: Backbone name (see :data:`objcrop.ssl.backbones.BACKBONES`).
         dim: Output dimension of the projection head.
         hidden_dim: Hidden width of the head; defaults to the backbone's feature dimension.
-        queue_size: Number of negative keys ``K``.
+        queue_size: Number of negative keys ``K``. ``0`` drops the queue: each query's negatives are
+            the other keys of the (global) batch, as in MoCo v3. It learns from the first steps, which
+            matters for short runs, where a queue of keys from a random early encoder holds MoCo on its
+            ``ln(K + 1)`` plateau.
         momentum: Key-encoder momentum ``m``.
         temperature: Softmax temperature.
         separate_heads: One head for object views and one for context views (see
@@ -205,15 +208,39 @@ class MoCoV2(MomentumEncoders):
         if sync_bn:
             self.query_encoder = convert_sync_batchnorm(self.query_encoder)
         self.key_encoder = momentum_copy(self.query_encoder)
-        self.queue = KeyQueue(queue_size, dim)
+        if queue_size < 0:
+            raise ValueError(f"queue_size must be >= 0, got {queue_size}")
+        self.queue = KeyQueue(queue_size, dim) if queue_size > 0 else None
         self.momentum = momentum
         self.temperature = temperature
         self.shuffle_bn = shuffle_bn
         self.symmetric = symmetric
 
     def dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
-        """Pushes normalised keys ``[N, C]`` from every rank into the queue."""
-        self.queue.enqueue(keys)
+        """Pushes normalised keys ``[N, C]`` from every rank into the queue (no-op without a queue)."""
+        if self.queue is not None:
+            self.queue.enqueue(keys)
+
+    def _in_batch_loss(self, queries: list[torch.Tensor], keys: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """InfoNCE against the keys of the global batch: the positive of row ``i`` is key ``i``."""
+        rank = dist.get_rank() if world_size() > 1 else 0
+        losses, positives, negatives, hits = [], [], [], []
+        for q, k in zip(queries, keys, strict=True):
+            all_keys = concat_all_gather(k).float()
+            logits = q.float() @ all_keys.t()
+            labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
+            losses.append(F.cross_entropy(logits / self.temperature, labels))
+            with torch.no_grad():
+                is_positive = F.one_hot(labels, logits.shape[1]).bool()
+                positives.append(logits[is_positive])
+                negatives.append(logits[~is_positive])
+                hits.append((logits.argmax(dim=1) == labels).float())
+        return {
+            "loss": torch.stack(losses).mean(),
+            "acc1": torch.cat(hits).mean(),
+            "pos_sim": torch.cat(positives).mean(),
+            "neg_sim": torch.cat(negatives).mean(),
+        }
 
     @torch.no_grad()
     def encode_keys(self, views: list[torch.Tensor], kinds: torch.Tensor) -> list[torch.Tensor]:
@@ -238,6 +265,8 @@ class MoCoV2(MomentumEncoders):
         queries = self.query_encoder([views[i] for i in query_views], kinds[:, query_views])
         queries = [F.normalize(q, dim=1) for q in queries]
         keys = self.encode_keys([views[i] for i in key_views], kinds[:, key_views])
+        if self.queue is None:
+            return self._in_batch_loss(queries, keys)
         # The clone keeps the negatives the loss saw intact for backward once new keys are enqueued.
         negatives = self.queue.keys.clone()
         logits = [contrastive_logits(q, k, negatives) for q, k in zip(queries, keys, strict=True)]

@@ -185,6 +185,43 @@ def test_a_few_epochs_on_a_small_pool_reduce_the_loss():
     assert last_epoch < first_epoch - 0.3, losses
 
 
+def test_queue_size_zero_uses_the_other_keys_of_the_batch_as_negatives():
+    torch.manual_seed(0)
+    model = _tiny_moco(queue_size=0, symmetric=True)
+    assert model.queue is None and not any(k.startswith("queue") for k in model.state_dict())
+    batch = _batch()
+    model.eval()  # BatchNorm on running statistics: the manual computation below sees the same embeddings
+    out = model(batch)
+    views, kinds = views_and_kinds(batch)
+    losses = []
+    for qi, ki in ((0, 1), (1, 0)):
+        q = nn.functional.normalize(model.query_encoder([views[qi]], kinds[:, [qi]])[0], dim=1)
+        k = nn.functional.normalize(model.key_encoder([views[ki]], kinds[:, [ki]])[0], dim=1)
+        losses.append(nn.functional.cross_entropy(q @ k.t() / model.temperature, torch.arange(BATCH)))
+    torch.testing.assert_close(out["loss"], torch.stack(losses).mean(), rtol=1e-5, atol=1e-6)
+    assert 0.0 <= out["acc1"].item() <= 1.0 and out["pos_sim"].item() <= 1.0
+
+
+def test_in_batch_negatives_learn_on_a_small_pool():
+    torch.manual_seed(0)
+    model = _tiny_moco(queue_size=0, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    pool = torch.randn(2, BATCH, 3, 32, 32, generator=g)
+    x1, x2 = (pool + 0.3 * torch.randn(pool.shape, generator=g) for _ in range(2))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    losses = []
+    for step in range(8):
+        loss = model((x1[step % 2], x2[step % 2]))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.after_optimizer_step(step, 8)
+        losses.append(loss.item())
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.3, losses
+    with pytest.raises(ValueError, match="queue_size"):
+        _tiny_moco(queue_size=-1)
+
+
 def test_sync_bn_option_converts_both_encoders():
     model = _tiny_moco(sync_bn=True)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
