@@ -31,14 +31,24 @@ class DemoSettings:
 
     One training thread and one loader worker: on 2 cores, a 2-thread training step that shares its
     cores with the loader (or anything else) runs several times slower, not faster.
+
+    ``queue_size=0`` trains MoCo with in-batch negatives: a run this short never leaves the
+    ``ln(K + 1)`` plateau with a queue (measured: every queue arm ended below random init). Objects
+    of 15-40 % of the image side keep the task well posed at 32-64 px (a supervised ResNet-18 reaches
+    about 68 mAP at a 64 px read-out against 27 for chance).
     """
 
     images: int = 1000
     image_size: int = 128
+    min_objects: int = 2
+    max_objects: int = 4
+    min_scale: float = 0.15
+    max_scale: float = 0.4
     view_size: int = 32
-    steps: int = 320
+    steps: int = 256
     batch_size: int = 64
-    queue_size: int = 512
+    queue_size: int = 0
+    lr: float = 0.06
     readout_size: int = 64
     workers: int = 1
     threads: int = 1
@@ -47,9 +57,18 @@ class DemoSettings:
     arms: tuple[str, ...] = ARMS
     extra: dict = field(default_factory=dict)
 
+    def scene_kwargs(self) -> dict:
+        """The object-count and object-size arguments of :func:`~objcrop.data.synth.synthesize`."""
+        return {
+            "min_objects": self.min_objects,
+            "max_objects": self.max_objects,
+            "min_scale": self.min_scale,
+            "max_scale": self.max_scale,
+        }
+
     @classmethod
     def quick(cls) -> DemoSettings:
-        return cls(images=48, image_size=64, view_size=32, steps=3, batch_size=8, queue_size=32, readout_size=64)
+        return cls(images=48, image_size=64, view_size=32, steps=3, batch_size=8, readout_size=64)
 
 
 def _say(message: str) -> None:
@@ -75,7 +94,7 @@ def pretrain_config(settings: DemoSettings, scenes: Path, store: str, policy: st
         "method.momentum": 0.99,
         "method.temperature": 0.2,
         "method.symmetric": False,
-        "optim.lr": 0.06,
+        "optim.lr": settings.lr,
         "optim.batch_size": settings.batch_size,
         "optim.epochs": 10_000,
         "optim.max_steps": settings.steps,
@@ -124,7 +143,12 @@ def run_demo(out: str | Path = "demo_report", settings: DemoSettings | None = No
     if not (scenes / "test.json").exists():
         _say(f"generating {settings.images} synthetic scenes of {settings.image_size} px")
         synthesize(
-            scenes, settings.images, seed=settings.seed, size=settings.image_size, workers=max(settings.workers, 1)
+            scenes,
+            settings.images,
+            seed=settings.seed,
+            size=settings.image_size,
+            workers=max(settings.workers, 1),
+            **settings.scene_kwargs(),
         )
     train = load_records("coco", annotations=str(scenes / "train.json"), images=str(scenes / "images"))
     test = load_records("coco", annotations=str(scenes / "test.json"), images=str(scenes / "images"))
@@ -141,14 +165,14 @@ def run_demo(out: str | Path = "demo_report", settings: DemoSettings | None = No
         model_path = work / "bing.npz"
         if not model_path.exists():
             _say("training BING on the train split's boxes")
-            save_model(train_bing(train, workers=settings.workers), model_path)
+            save_model(train_bing(train, workers=max(settings.workers, 1)), model_path)
         store_dir = work / "proposals-bing"
         _say("computing BING proposals for the train split")
-        build_store(train, BingProposer(model_path, topk=1000), store_dir, workers=settings.workers, topk=1000)
+        build_store(train, BingProposer(model_path, topk=1000), store_dir, workers=max(settings.workers, 1), topk=1000)
         store = ProposalStore.open(store_dir, train)
         store_spec = str(store_dir)
         test_dir = work / "proposals-bing-test"
-        build_store(test, BingProposer(model_path, topk=1000), test_dir, workers=settings.workers, topk=1000)
+        build_store(test, BingProposer(model_path, topk=1000), test_dir, workers=max(settings.workers, 1), topk=1000)
         recalls["our BING (trained on train split)"] = recall_at_k(test, ProposalStore.open(test_dir, test))
     else:
         store = gt_store
