@@ -263,6 +263,20 @@ def _distributed_worker(rank: int, world: int, init_file: str) -> None:
         model.dequeue_and_enqueue(torch.full((BATCH, DIM), float(rank)))
         newest = torch.roll(model.queue.keys, -int(model.queue.ptr), dims=0)[-world * BATCH :, 0]
         assert newest.tolist() == [float(r) for r in range(world) for _ in range(BATCH)]
+
+        # In-batch negatives span the global batch: the ranks' mean loss is the one-process loss
+        # over the concatenated batch (eval mode, so BatchNorm does not depend on the split).
+        torch.manual_seed(0)
+        in_batch = _tiny_moco(queue_size=0).eval()
+        mine = in_batch(batch)["loss"].detach()
+        mean = concat_all_gather(mine.reshape(1)).mean()
+        whole = [_batch(seed=r) for r in range(world)]
+        joined = {"views": [torch.cat([b["views"][i] for b in whole]) for i in range(2)]}
+        joined["kinds"] = torch.cat([b["kinds"] for b in whole])
+        q = nn.functional.normalize(in_batch.query_encoder([joined["views"][0]], joined["kinds"][:, [0]])[0], dim=1)
+        k = nn.functional.normalize(in_batch.key_encoder([joined["views"][1]], joined["kinds"][:, [1]])[0], dim=1)
+        expected = nn.functional.cross_entropy(q @ k.t() / in_batch.temperature, torch.arange(world * BATCH))
+        torch.testing.assert_close(mean, expected.detach(), rtol=1e-4, atol=1e-5)
     finally:
         dist.destroy_process_group()
 
