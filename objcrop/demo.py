@@ -3,7 +3,8 @@
 1. generate seeded non-iconic scenes (train/test splits);
 2. train our BING on the train split's boxes and compute proposals for the train split;
 3. draw crops per policy, measure proposal recall and view-pair coverage;
-4. pretrain scene-scene, obj-scene and obj-obj-dilate (MoCo-v2) with the same budget and hyper-parameters;
+4. pretrain scene-scene, obj-scene and obj-obj-dilate (MoCo, in-batch negatives by default) with the same
+   budget and hyper-parameters;
 5. linear-probe each backbone (plus a random-init row) and write a markdown report with PNGs.
 
 The default size finishes in about 15 minutes on a 2-core CPU; ``quick`` runs the same steps on a
@@ -198,14 +199,16 @@ def run_demo(out: str | Path = "demo_report", settings: DemoSettings | None = No
     curves, results = {}, {}
     for policy in settings.arms:
         t0 = time.perf_counter()
-        _say(f"pretraining MoCo-v2 with {policy} crops ({settings.steps} steps of {settings.batch_size})")
+        method = _method_name(settings)
+        _say(f"pretraining {method} with {policy} crops ({settings.steps} steps of {settings.batch_size})")
         run_dir = work / f"pretrain-{policy}"
         config = pretrain_config(settings, scenes, "gt" if policy == "scene-scene" else store_spec, policy, run_dir)
         result = pretrain(config)
         results[policy] = result
         curves[policy] = _loss_curve(run_dir / "log.csv")
         lap(f"pretrain {policy}", t0)
-    plot_curves(curves, out / "loss.png", xlabel="step", ylabel="MoCo-v2 loss", title="pretraining loss")
+    ylabel = f"{_method_name(settings)} loss"
+    plot_curves(curves, out / "loss.png", xlabel="step", ylabel=ylabel, title="pretraining loss")
 
     # 5. linear probe
     probes = {}
@@ -270,12 +273,17 @@ def _loss_curve(csv_path: Path) -> tuple[list[int], list[float]]:
     return [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
 
 
+def _method_name(settings: DemoSettings) -> str:
+    return "MoCo (in-batch negatives)" if settings.queue_size == 0 else f"MoCo-v2 (queue {settings.queue_size})"
+
+
 def _report(settings: DemoSettings, summary: dict, recall_text: str, coverage_text: dict) -> str:
     lines = [
         "# objcrop demo report",
         "",
         f"{summary['images']['train']} train / {summary['images']['test']} test synthetic scenes of "
-        f"{settings.image_size} px; MoCo-v2 ResNet-18, {settings.steps} steps of {settings.batch_size} at "
+        f"{settings.image_size} px; {_method_name(settings)} ResNet-18, "
+        f"{settings.steps} steps of {settings.batch_size} at "
         f"{settings.view_size} px per arm; linear probe at {settings.readout_size} px. "
         f"Total {summary['seconds'] / 60:.1f} min.",
         "",
