@@ -13,7 +13,7 @@ random-init and a supervised reference. Every backbone is scored by the multi-la
 (test mAP, %) at two fixed read-out resolutions. It prints mean and 95 % CI (Student t over seeds)
 and writes ``OUT/quality.json``, ``OUT/quality.md`` and ``OUT/quality.png``.
 
-    # one process per dataset, each on one core (about 1.5 hours on 2 cores):
+    # one process per dataset, each on one core (about 1 h 45 min on 2 cores):
     python benchmarks/bench_quality.py --datasets synth --out bench_quality/synth &
     python benchmarks/bench_quality.py --datasets sprites --out bench_quality/sprites
     python benchmarks/bench_quality.py --quick --out /tmp/bq          # every step, tiny, minutes
