@@ -15,6 +15,7 @@ def register(subparsers) -> None:
     p.add_argument("--proposals", choices=("bing", "gt"), default="bing", help="proposals of the object arms")
     p.add_argument("--workers", type=int, default=1, help="loader / proposal worker processes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="pretraining steps per arm (default: the demo's own, 160)")
     p.set_defaults(func=run)
 
 
@@ -25,5 +26,7 @@ def run(args: argparse.Namespace) -> int:
     settings.proposals = args.proposals
     settings.workers = args.workers
     settings.seed = args.seed
+    if args.steps is not None:
+        settings.steps = args.steps
     run_demo(args.out, settings)
     return 0
