@@ -28,7 +28,7 @@ ARMS = ("scene-scene", "obj-scene", "obj-obj-dilate")
 
 @dataclass
 class DemoSettings:
-    """Sizes of the demo. The defaults take about 12 minutes on 2 idle CPU cores (15.1 measured with 256 steps).
+    """Sizes of the demo. The defaults took 10.5 minutes on 2 idle CPU cores (15.1 with 256 steps).
 
     One training thread and one loader worker: on 2 cores, a 2-thread training step that shares its
     cores with the loader (or anything else) runs several times slower, not faster.

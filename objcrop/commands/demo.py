@@ -8,7 +8,7 @@ import argparse
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="run the whole pipeline on embedded synthetic scenes and write a report (about 15 min on 2 cores)",
+        help="run the whole pipeline on embedded synthetic scenes and write a report (about 11 min on 2 cores)",
     )
     p.add_argument("--out", default="demo_report", help="report folder (default demo_report/)")
     p.add_argument("--quick", action="store_true", help="a tiny run of every step (a minute or two)")
