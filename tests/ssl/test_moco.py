@@ -160,6 +160,20 @@ def test_step_matches_reference_pseudocode():
         torch.testing.assert_close(p, ref_p, rtol=1e-4, atol=1e-5)
 
 
+def _train_on_pool(model: MoCoV2, x1: torch.Tensor, x2: torch.Tensor, steps: int) -> list[float]:
+    """SGD steps cycling through the fixed batches ``x1[i], x2[i]``; returns the losses."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    losses = []
+    for step in range(steps):
+        loss = model((x1[step % len(x1)], x2[step % len(x2)]))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.after_optimizer_step(step, steps)
+        losses.append(loss.item())
+    return losses
+
+
 def test_a_few_epochs_on_a_small_pool_reduce_the_loss():
     # Four fixed batches of noisy view pairs; the queue spans two batches, so it never holds
     # keys of the batch being trained on (with a single fixed batch it would be full of copies
@@ -172,15 +186,7 @@ def test_a_few_epochs_on_a_small_pool_reduce_the_loss():
     scene = torch.full((BATCH, 1), SCENE)
     for i in (2, 3):  # start from a queue of real keys, as in the steady state
         model.dequeue_and_enqueue(model.encode_keys([x2[i]], scene)[0])
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
-    losses = []
-    for step in range(12):
-        loss = model((x1[step % 4], x2[step % 4]))["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        model.after_optimizer_step(step, 12)
-        losses.append(loss.item())
+    losses = _train_on_pool(model, x1, x2, steps=12)
     first_epoch, last_epoch = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last_epoch < first_epoch - 0.3, losses
 
@@ -208,15 +214,7 @@ def test_in_batch_negatives_learn_on_a_small_pool():
     g = torch.Generator().manual_seed(0)
     pool = torch.randn(2, BATCH, 3, 32, 32, generator=g)
     x1, x2 = (pool + 0.3 * torch.randn(pool.shape, generator=g) for _ in range(2))
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
-    losses = []
-    for step in range(8):
-        loss = model((x1[step % 2], x2[step % 2]))["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        model.after_optimizer_step(step, 8)
-        losses.append(loss.item())
+    losses = _train_on_pool(model, x1, x2, steps=8)
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.3, losses
     with pytest.raises(ValueError, match="queue_size"):
         _tiny_moco(queue_size=-1)
