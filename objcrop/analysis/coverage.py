@@ -199,6 +199,8 @@ def coverage(
     """
     if pairs_per_image < 1:
         raise ValueError(f"pairs_per_image must be >= 1, got {pairs_per_image}")
+    if hasattr(policy, "calibrate"):  # the paper's S_min, resolved as training resolves it
+        policy.calibrate(records.size, store.boxes_of, len(records))
     sample_seq, boot_seq = np.random.SeedSequence(seed).spawn(2)
     rng = np.random.default_rng(sample_seq)
     fractions, image_index, sums, counts = [], [], [], []

@@ -46,3 +46,41 @@ def proposals_from_args(args: argparse.Namespace, records: Records):
     from objcrop.proposals import open_proposals
 
     return open_proposals(args.proposals, records)
+
+
+def _object_scale(text: str):
+    if text in ("paper", "per-region"):
+        return text
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected paper, per-region or LO,HI (e.g. 0.5,1), got {text!r}") from None
+    return (lo, hi)
+
+
+def add_object_scale_args(parser: argparse.ArgumentParser) -> None:
+    """``--object-scale`` and ``--object-scale-cap``: how object crops choose their area range."""
+    parser.add_argument(
+        "--object-scale",
+        type=_object_scale,
+        default="paper",
+        help="object crops' area range: paper (dataset-level S_min, default), per-region, or LO,HI",
+    )
+    parser.add_argument(
+        "--object-scale-cap", type=float, default=0.9, help="largest lower bound of paper/per-region (default 0.9)"
+    )
+
+
+def policy_from_args(args: argparse.Namespace, name: str, records: Records, store):
+    """The calibrated :class:`~objcrop.crops.policies.ViewPairPolicy` ``name`` with the command's crop options."""
+    from objcrop.crops.policies import ViewPairPolicy
+
+    policy = ViewPairPolicy(
+        name,
+        delta=args.delta,
+        topk=args.topk,
+        min_box_size=args.min_box_size,
+        object_scale=args.object_scale,
+        object_scale_cap=args.object_scale_cap,
+    )
+    return policy.calibrate(records.size, store.boxes_of, len(records))

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from objcrop.commands._args import add_dataset_args, add_proposal_args, proposals_from_args, records_from_args
+from objcrop.commands._args import (
+    add_dataset_args,
+    add_object_scale_args,
+    add_proposal_args,
+    policy_from_args,
+    proposals_from_args,
+    records_from_args,
+)
 from objcrop.commands.analyze_recall import add_recall_parser
-from objcrop.crops.policies import POLICIES, ViewPairPolicy
+from objcrop.crops.policies import POLICIES
 
 
 def register(subparsers) -> None:
@@ -43,6 +51,7 @@ def _register_coverage(analyses) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling and of the bootstrap")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% interval")
     parser.add_argument("--delta", type=float, default=0.1, help="dilation, as a fraction of the image size")
+    add_object_scale_args(parser)
     parser.add_argument("--topk", type=int, default=10, help="object regions come from the first K proposals")
     parser.add_argument(
         "--min-box-size", type=float, default=0.0, help="grow proposals to at least this side in pixels (0: off)"
@@ -58,7 +67,9 @@ def run_coverage(args: argparse.Namespace) -> int:
     store = proposals_from_args(args, records)
     results = []
     for name in args.policy or list(POLICIES):
-        policy = ViewPairPolicy(name, delta=args.delta, topk=args.topk, min_box_size=args.min_box_size)
+        policy = policy_from_args(args, name, records, store)
+        if policy.uses_proposals:
+            print(f"{name}: {policy.describe_object_scale()}", file=sys.stderr if args.json else sys.stdout)
         result = coverage(
             records,
             store,

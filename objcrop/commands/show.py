@@ -6,8 +6,15 @@ import argparse
 
 import numpy as np
 
-from objcrop.commands._args import add_dataset_args, add_proposal_args, proposals_from_args, records_from_args
-from objcrop.crops.policies import POLICIES, ViewPairPolicy
+from objcrop.commands._args import (
+    add_dataset_args,
+    add_object_scale_args,
+    add_proposal_args,
+    policy_from_args,
+    proposals_from_args,
+    records_from_args,
+)
+from objcrop.crops.policies import POLICIES
 
 
 def register(subparsers) -> None:
@@ -36,6 +43,7 @@ def register(subparsers) -> None:
         "--min-box-size", type=float, default=0.0, help="grow proposals to at least this side in pixels (0: off)"
     )
     parser.add_argument("--delta", type=float, default=0.1, help="dilation, as a fraction of the image size")
+    add_object_scale_args(parser)
     parser.add_argument("--view-size", type=int, default=112, help="side in pixels of the drawn views")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image choice and of the sampling")
     parser.add_argument("--dpi", type=int, default=100, help="resolution of the PNG")
@@ -55,10 +63,10 @@ def run(args: argparse.Namespace) -> int:
         indices = rng.choice(len(records), size=min(args.random, len(records)), replace=False).tolist()
     else:
         indices = args.image_index or [0]
-    policies = [
-        ViewPairPolicy(name, delta=args.delta, topk=args.topk, min_box_size=args.min_box_size)
-        for name in args.policy or list(POLICIES)
-    ]
+    policies = [policy_from_args(args, name, records, store) for name in args.policy or list(POLICIES)]
+    for policy in policies:
+        if policy.uses_proposals:
+            print(f"{policy.name}: {policy.describe_object_scale()}")
     fig = draw_records(records, store, indices, policies, args.pairs, args.seed, args.topk, args.view_size)
     path = save_figure(fig, args.out, dpi=args.dpi)
     print(f"wrote {path} ({len(indices)} images x {len(policies)} policies x {args.pairs} pairs)")

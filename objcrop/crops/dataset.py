@@ -71,11 +71,19 @@ class ObjectAwareDataset(Dataset):
             raise ValueError(f"max_tries must be >= 1, got {max_tries}")
         self.records = records
         self.store = store
+        # The paper's object-crop scale is a property of the dataset's proposals: resolve it once here,
+        # before workers copy the policy.
+        policy.calibrate(records.size, store.boxes_of, len(records))
         self.view_pair = ViewPairTransform(policy, size=size, view_transforms=transform, seed=seed)
         self.max_tries = int(max_tries)
         self.seed = seed
         self.epoch = 0
         self.skipped = 0
+
+    @property
+    def policy(self) -> ViewPairPolicy:
+        """The (calibrated) view-pair policy."""
+        return self.view_pair.policy
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch whose randomness seeded samples use."""

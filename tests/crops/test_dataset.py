@@ -172,7 +172,9 @@ def test_dataset_holds_as_many_python_objects_for_100k_records_as_for_10(tmp_pat
         records = synthetic_records(tmp_path, n)
         dataset = ObjectAwareDataset(records, ArrayStore(records.boxes, records.box_offsets), ViewPairPolicy())
         counts.append(count_reachable(dataset))
-    assert counts[0] == counts[1]
+    # A few scalars depend on n (the policy's calibration counts images; a small int may coincide with
+    # another field and be shared): per-record objects would add ~100k.
+    assert abs(counts[1] - counts[0]) <= 3
 
 
 def private_kib() -> int:

@@ -107,8 +107,8 @@ def test_shifted_region_is_the_object_moved_within_the_radius():
         assert 80 - 1e-3 <= np.hypot(d[0], d[1]) <= 100 + 1e-3
 
 
-def test_object_scale_auto_makes_the_smallest_object_crop_as_large_as_the_smallest_scene_crop():
-    policy = ViewPairPolicy("obj-obj", swap=False)
+def test_object_scale_per_region_makes_the_smallest_object_crop_as_large_as_the_smallest_scene_crop():
+    policy = ViewPairPolicy("obj-obj", object_scale="per-region", object_scale_cap=1.0, swap=False)
     # A 400x400 object: lower bound 0.2 * W * H / 400^2 = 0.384 of the region.
     big = np.array([[100, 40, 500, 440]], np.float32)
     fractions = np.concatenate([B.area(p.crops) / B.area(p.regions) for p in sample_many(policy, 500, big)])
@@ -149,9 +149,163 @@ def test_random_resized_crop_box_falls_back_to_a_centred_crop_in_ratio():
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [{"name": "nope"}, {"delta": -0.1}, {"topk": 0}, {"scene_scale": (0.5, 0.2)}, {"object_scale": (0.0, 1.0)}],
+    "kwargs, names",
+    [
+        ({"name": "nope"}, "policy"),
+        ({"delta": -0.1}, "delta"),
+        ({"delta": float("nan")}, "delta"),
+        ({"topk": 0}, "topk"),
+        ({"scene_scale": (0.5, 0.2)}, "scene_scale"),
+        ({"object_scale": (0.0, 1.0)}, "object_scale"),
+        ({"object_scale": (float("nan"), 1.0)}, "object_scale"),
+        ({"object_scale": "dataset"}, "object_scale"),
+        ({"object_scale": (0.5,)}, "object_scale"),
+        ({"object_scale_cap": 0.0}, "object_scale_cap"),
+        ({"object_scale_cap": 1.5}, "object_scale_cap"),
+        ({"object_scale_cap": float("inf")}, "object_scale_cap"),
+    ],
 )
-def test_bad_arguments_raise(kwargs):
-    with pytest.raises(ValueError):
+def test_bad_arguments_raise_naming_the_argument(kwargs, names):
+    with pytest.raises(ValueError, match=names):
         ViewPairPolicy(**kwargs)
+
+
+# ------------------------------------------------------------------ the object-crop scale
+
+
+class TinyStore:
+    """Proposals per image, as a store gives them."""
+
+    def __init__(self, boxes, sizes):
+        self.boxes, self.sizes = boxes, sizes
+
+    def boxes_of(self, i):
+        return np.asarray(self.boxes[i], np.float32).reshape(-1, 4)
+
+    def size(self, i):
+        return self.sizes[i]
+
+
+def test_paper_s_min_is_scene_lo_over_the_mean_area_fraction_of_the_drawn_proposals():
+    # Image 0 (100x100): usable top-2 are 50x50 (0.25) and 20x20 (0.04); the third is beyond topk.
+    # Image 1 (200x100): one 100x100 box (0.5) and a 1-px sliver that is unusable.
+    # Image 2: no usable proposal (a scene fallback), so it does not count.
+    store = TinyStore(
+        [
+            [[0, 0, 50, 50], [10, 10, 30, 30], [0, 0, 100, 100]],
+            [[0, 0, 100, 100], [5, 5, 6, 90]],
+            [[np.nan, 0, 10, 10]],
+        ],
+        [(100, 100), (200, 100), (100, 100)],
+    )
+    policy = ViewPairPolicy("obj-obj-dilate", topk=2, object_scale_cap=1.0)
+    assert policy.calibrate(store.size, store.boxes_of, 3) is policy
+    mean = ((0.25 + 0.04) / 2 + 0.5) / 2  # per image, then over images: what a sample draws
+    assert policy.calibration["images"] == 2
+    assert policy.calibration["mean_area_fraction"] == pytest.approx(mean)
+    assert policy.resolved_object_scale == pytest.approx((0.2 / mean, 1.0))
+    assert "paper" in policy.describe_object_scale() and f"{0.2 / mean:.4f}" in policy.describe_object_scale()
+
+
+def test_paper_s_min_is_capped_and_a_fixed_range_is_kept():
+    store = TinyStore([[[0, 0, 10, 10]]], [(100, 100)])  # area fraction 0.01: S_min 20 before the cap
+    capped = ViewPairPolicy("obj-obj-dilate").calibrate(store.size, store.boxes_of, 1)
+    assert capped.resolved_object_scale == (0.9, 1.0) and capped.calibration["capped"]
+    fixed = ViewPairPolicy("obj-obj-dilate", object_scale=(1.0, 1.0)).calibrate(store.size, store.boxes_of, 1)
+    assert fixed.resolved_object_scale == (1.0, 1.0) and fixed.calibration is None
+    scene = ViewPairPolicy("scene-scene").calibrate(store.size, store.boxes_of, 1)
+    assert scene.calibration is None
+
+
+def test_paper_calibration_uses_the_grown_object_regions():
+    store = TinyStore([[[0, 0, 10, 10]]], [(100, 100)])
+    policy = ViewPairPolicy("obj-obj", min_box_size=50, object_scale_cap=1.0).calibrate(store.size, store.boxes_of, 1)
+    assert policy.calibration["mean_area_fraction"] == pytest.approx(0.25)
+    assert policy.resolved_object_scale == pytest.approx((0.8, 1.0))
+
+
+@pytest.mark.parametrize("mode", ["paper", "per-region"])
+def test_a_small_box_yields_many_distinct_object_crops(mode):
+    # A 40x50 box in a 128x128 image: the uncapped per-region rule gives the whole box every time.
+    box = np.array([[30, 40, 70, 90]], np.float32)
+    policy = ViewPairPolicy("obj-obj", object_scale=mode, swap=False)
+    if mode == "paper":
+        store = TinyStore([box], [(128, 128)])
+        policy.calibrate(store.size, store.boxes_of, 1)
+    pairs = sample_many(policy, 500, box, 0, 128, 128)
+    distinct = {tuple(np.round(c, 2)) for p in pairs for c in p.crops}
+    assert len(distinct) > 400
+    fractions = np.concatenate([B.area(p.crops) / B.area(p.regions) for p in pairs])
+    assert fractions.min() >= 0.9 - 1e-3 and fractions.min() < 0.92
+
+    uncapped = ViewPairPolicy("obj-obj", object_scale="per-region", object_scale_cap=1.0, swap=False)
+    assert len({tuple(np.round(c, 2)) for p in sample_many(uncapped, 500, box, 0, 128, 128) for c in p.crops}) == 1
+
+
+def test_an_uncalibrated_paper_policy_uses_the_capped_per_region_rule():
+    policy = ViewPairPolicy("obj-obj-dilate")
+    assert policy.resolved_object_scale is None
+    assert policy.object_scale_range() == "per-region (lo <= 0.9)"
+    assert "not calibrated" in policy.describe_object_scale()
+
+
+def test_dilated_region_is_dilated_before_it_grows_to_the_minimum_size():
+    # Appendix G / the released code: a 100 px box, delta 0.1, 1000 px image -> 300 px, not 224 + 200.
+    policy = ViewPairPolicy("obj-obj-dilate", delta=0.1, min_box_size=224, swap=False)
+    box = np.array([[450, 450, 550, 550]], np.float32)
+    pair = policy.sample(1000, 1000, box, np.random.default_rng(0))
+    np.testing.assert_allclose(pair.regions[0], [388, 388, 612, 612])  # the object grown to 224
+    np.testing.assert_allclose(pair.regions[1], [350, 350, 650, 650])  # dilated by 100 each side: 300 px
+    # A box that stays small after dilation still grows to the minimum size.
+    tiny = ViewPairPolicy("obj-obj-dilate", delta=0.01, min_box_size=224, swap=False)
+    small = tiny.sample(1000, 1000, np.array([[495, 495, 505, 505]], np.float32), np.random.default_rng(0))
+    np.testing.assert_allclose(small.regions[1], [388, 388, 612, 612])
+
+
+def test_shifted_region_is_shifted_before_it_grows_to_the_minimum_size():
+    policy = ViewPairPolicy("obj-obj-shift", shift_radius=(100, 100), min_box_size=224, swap=False)
+    box = np.array([[450, 450, 550, 550]], np.float32)
+    for pair in sample_many(policy, 30, box, 0, 1000, 1000):
+        obj, shifted = pair.regions
+        assert np.allclose(shifted[2:] - shifted[:2], 224)
+        # The centre moved by the radius from the proposal's own centre (500, 500).
+        centre = (shifted[:2] + shifted[2:]) / 2
+        assert np.hypot(*(centre - 500)) == pytest.approx(100, abs=1e-2)
+
+
+DATA = __import__("pathlib").Path(__file__).resolve().parents[2].parent / "shared" / "data"
+COCO128 = DATA / "coco128"
+
+
+@pytest.mark.skipif(not (COCO128 / "annotations").is_dir(), reason="../shared/data/coco128 is absent")
+def test_paper_s_min_on_coco128_gt_and_bing_is_plausible(capsys):
+    from objcrop.data.readers import load_records
+    from objcrop.proposals import open_proposals
+
+    records = load_records(
+        "coco", annotations=next((COCO128 / "annotations").glob("*.json")), images=COCO128 / "train2017"
+    )
+    gt = ViewPairPolicy("obj-obj-dilate").calibrate(records.size, open_proposals("gt", records).boxes_of, len(records))
+    # COCO objects are small (most well under 10 % of the image): 0.2 / f exceeds 1 and the cap holds.
+    assert 0.01 < gt.calibration["mean_area_fraction"] < 0.3
+    assert gt.resolved_object_scale == (0.9, 1.0)
+    with capsys.disabled():
+        print("\ncoco128 GT:", gt.describe_object_scale())
+
+    model_dir = DATA / "bing_objectness_model" / "ObjectnessTrainedModel"
+    if not model_dir.is_dir():
+        pytest.skip("../shared/data/bing_objectness_model is absent")
+    from objcrop.data.images import load_image
+    from objcrop.proposals.bing import BingProposer, load_opencv_model
+
+    proposer = BingProposer(load_opencv_model(model_dir), topk=10)
+    subset = range(0, len(records), 4)  # 32 images keep the test at a few seconds
+    boxes = {i: proposer(np.asarray(load_image(records.path(i))))[0] for i in subset}
+    bing = ViewPairPolicy("obj-obj-dilate").calibrate(
+        lambda j: records.size(list(subset)[j]), lambda j: boxes[list(subset)[j]], len(boxes)
+    )
+    # BING's top windows are large: the paper measured a mean of 0.39 (S_min 0.51) on COCO.
+    assert 0.2 < bing.calibration["mean_area_fraction"] < 0.8
+    assert 0.25 < bing.resolved_object_scale[0] < 0.9
+    with capsys.disabled():
+        print("coco128 OpenCV-model BING:", bing.describe_object_scale())
