@@ -6,16 +6,22 @@ offending key's name, before any data is read:
 * ``data``: the dataset (``format``, ``annotations``, ``images``, ...) and ``proposals``
   (``gt`` or a store folder);
 * ``crops``: the view-pair policy and the view size / augmentation preset;
+  ``object_scale`` is ``paper`` (the dataset-level S_min of the paper, resolved from the proposals when
+  the dataset is built), ``per-region`` or a pair ``[lo, hi]``;
 * ``method``: ``name`` (``moco``, ``byol``, ``densecl``) plus the keyword arguments of that
   method's constructor (checked against its signature);
 * ``optim``: optimizer, learning rate, schedule, batch size, epochs;
 * ``train``: devices, precision, workers, checkpoints, logging.
+
+Every value is checked before any work starts, NaN and infinities included (``value < minimum`` is
+False for NaN, so each number is checked with :func:`math.isfinite` first); the error names the key.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -53,7 +59,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "shift_radius": [80.0, 100.0],
         "topk": 10,
         "scene_scale": [0.2, 1.0],
-        "object_scale": None,
+        "object_scale": "paper",
+        "object_scale_cap": 0.9,
         "scene_ratio": [0.75, 1.3333333333333333],
         "object_ratio": None,
         "min_box_size": 0.0,
@@ -103,13 +110,24 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
 }
 
-# Numeric keys: (type, smallest allowed value, null allowed).
+# Keys that name a choice of strings or a pair of numbers [lo, hi].
+OBJECT_SCALE_MODES = ("paper", "per-region")
+
+# Values the trainer derives and records in the run's config (e.g. the paper's S_min, resolved from
+# the proposals). A config file may carry them (a saved config read back): they are dropped on input,
+# never validated, and ignored when a resumed run's config is compared with its checkpoint's.
+DERIVED_KEYS = ("crops.object_scale_resolved",)
+
+# Numeric keys: (type, smallest allowed value, null allowed). The largest allowed values are in MAXIMUMS.
+# POSITIVE as the smallest value stands for "> 0".
+POSITIVE = 1e-12
 NUMBERS: dict[str, tuple[type, float, bool]] = {
     "crops.delta": (float, 0, False),
     "crops.topk": (int, 1, False),
     "crops.min_box_size": (float, 0, False),
+    "crops.object_scale_cap": (float, POSITIVE, False),
     "crops.size": (int, 1, False),
-    "optim.lr": (float, 1e-12, False),
+    "optim.lr": (float, POSITIVE, False),
     "optim.lr_reference_batch": (int, 1, False),
     "optim.weight_decay": (float, 0, False),
     "optim.momentum": (float, 0, False),
@@ -128,6 +146,15 @@ NUMBERS: dict[str, tuple[type, float, bool]] = {
     "train.knn_every_epochs": (int, 0, False),
     "train.knn_size": (int, 1, True),
 }
+MAXIMUMS: dict[str, float] = {"crops.object_scale_cap": 1.0}
+
+# Pairs [lo, hi]: (smallest lo, largest hi, lo may equal the smallest), all with lo <= hi.
+PAIRS: dict[str, tuple[float, float, bool]] = {
+    "crops.shift_radius": (0.0, math.inf, True),
+    "crops.scene_scale": (0.0, 1.0, False),
+    "crops.scene_ratio": (0.0, math.inf, False),
+}
+OPTIONAL_PAIRS = {"crops.object_ratio": (0.0, math.inf, False)}
 FLAGS = ("train.channels_last", "train.deterministic", "train.tensorboard", "train.progress")
 
 # Keys that name files or folders which must exist before training starts.
@@ -167,16 +194,19 @@ def _yaml(text) -> Any:
 
 
 def build_policy(crops: Mapping[str, Any]):
-    """The :class:`~objcrop.crops.policies.ViewPairPolicy` of a config's ``crops`` section."""
+    """The :class:`~objcrop.crops.policies.ViewPairPolicy` of a config's ``crops`` section (not yet
+    calibrated: the dataset resolves the ``paper`` object scale from its proposals)."""
     from objcrop.crops.policies import ViewPairPolicy
 
+    object_scale = crops["object_scale"]
     return ViewPairPolicy(
         crops["policy"],
         delta=crops["delta"],
         shift_radius=tuple(crops["shift_radius"]),
         topk=crops["topk"],
         scene_scale=tuple(crops["scene_scale"]),
-        object_scale=None if crops["object_scale"] is None else tuple(crops["object_scale"]),
+        object_scale=object_scale if isinstance(object_scale, str) else tuple(object_scale),
+        object_scale_cap=crops["object_scale_cap"],
         scene_ratio=tuple(crops["scene_ratio"]),
         object_ratio=None if crops["object_ratio"] is None else tuple(crops["object_ratio"]),
         min_box_size=crops["min_box_size"],
@@ -194,6 +224,8 @@ def _merge(base: dict, update: Mapping, prefix: str) -> dict:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{key}: must be a mapping of keys, got {type(value).__name__}")
             _merge(base[key], value, f"{key}.")
+        elif dotted in DERIVED_KEYS:
+            continue  # written by the trainer, never read from a config
         elif dotted.startswith("method.") or key in base:
             base[key] = value
         else:
@@ -241,21 +273,59 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     return config
 
 
-def _pair(config: dict, dotted: str, allow_none: bool = False) -> None:
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _pair(config: dict, dotted: str, bounds: tuple[float, float, bool], allow_none: bool = False) -> None:
+    """A pair ``[lo, hi]`` of finite numbers with ``minimum <(=) lo <= hi <= maximum``."""
     section, key = dotted.split(".")
     value = config[section][key]
     if value is None and allow_none:
         return
-    if not (isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, int | float) for v in value)):
+    if not (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2):
         raise ConfigError(f"{dotted}: expected a pair of numbers [lo, hi], got {value!r}")
+    if not all(_finite_number(v) for v in value):
+        raise ConfigError(f"{dotted}: expected a pair of finite numbers [lo, hi], got {value!r}")
+    minimum, maximum, inclusive = bounds
+    lo, hi = value
+    if not ((lo >= minimum if inclusive else lo > minimum) and lo <= hi <= maximum):
+        rule = f"{minimum:g} {'<=' if inclusive else '<'} lo <= hi" + (f" <= {maximum:g}" if maximum < math.inf else "")
+        raise ConfigError(f"{dotted}: expected {rule}, got {value!r}")
+
+
+def _object_scale(config: dict) -> None:
+    value = config["crops"]["object_scale"]
+    if isinstance(value, str) or value is None:
+        if value not in OBJECT_SCALE_MODES:
+            hint = " (null was the old per-region rule: write per-region)" if value is None else ""
+            raise ConfigError(
+                f"crops.object_scale: {value!r} is not one of {', '.join(OBJECT_SCALE_MODES)} or a pair [lo, hi]{hint}"
+            )
+        return
+    _pair(config, "crops.object_scale", (0.0, 1.0, False))
 
 
 def validate_config(config: dict) -> None:
-    """Raises :class:`ConfigError` naming the first offending key."""
+    """Raises :class:`ConfigError` naming the first offending key.
+
+    Integer keys given as integral floats (``1e5`` in YAML reads as a float) are stored back as ints.
+    """
     for dotted, choices in CHOICES.items():
         section, key = dotted.split(".")
         if config[section][key] not in choices:
             raise ConfigError(f"{dotted}: {config[section][key]!r} is not one of {', '.join(choices)}")
+    for dotted, bounds in PAIRS.items():
+        _pair(config, dotted, bounds)
+    for dotted, bounds in OPTIONAL_PAIRS.items():
+        _pair(config, dotted, bounds, allow_none=True)
+    _object_scale(config)
+    for dotted, (kind, minimum, optional) in NUMBERS.items():
+        _number(config, dotted, kind, minimum, optional)
+    for dotted in FLAGS:
+        section, key = dotted.split(".")
+        if not isinstance(config[section][key], bool):
+            raise ConfigError(f"{dotted}: expected true or false, got {config[section][key]!r}")
     for dotted in PATH_KEYS:
         section, key = dotted.split(".")
         value = config[section][key]
@@ -268,16 +338,6 @@ def validate_config(config: dict) -> None:
     proposals = config["data"]["proposals"]
     if proposals != "gt" and not os.path.isdir(str(proposals)):
         raise ConfigError(f"data.proposals: expected 'gt' or a proposal store folder, not found: {proposals}")
-    for dotted in ("crops.shift_radius", "crops.scene_scale", "crops.scene_ratio"):
-        _pair(config, dotted)
-    for dotted in ("crops.object_scale", "crops.object_ratio"):
-        _pair(config, dotted, allow_none=True)
-    for dotted, (kind, minimum, optional) in NUMBERS.items():
-        _number(config, dotted, kind, minimum, optional)
-    for dotted in FLAGS:
-        section, key = dotted.split(".")
-        if not isinstance(config[section][key], bool):
-            raise ConfigError(f"{dotted}: expected true or false, got {config[section][key]!r}")
     if config["train"]["precision"] == "fp16" and config["train"]["device"] == "cpu":
         raise ConfigError("train.precision: fp16 needs a GPU; use bf16 or fp32 with train.device cpu")
     try:
@@ -288,33 +348,69 @@ def validate_config(config: dict) -> None:
 
 
 def _number(config: dict, dotted: str, kind: type, minimum: float, optional: bool) -> None:
-    """``minimum`` is exclusive for 0 with positive quantities: see :data:`NUMBERS`."""
+    """A finite number (an integer for ``kind`` int) in ``[minimum, MAXIMUMS.get(dotted, inf)]``.
+
+    Positive quantities use :data:`POSITIVE` as their minimum.
+    """
     section, key = dotted.split(".")
     value = config[section][key]
     if value is None and optional:
         return
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and (kind is float or int(value) == value)
-    if not ok or value < minimum:
-        what = "an integer" if kind is int else "a number"
-        raise ConfigError(f"{dotted}: expected {what} >= {minimum}{' or null' if optional else ''}, got {value!r}")
+    maximum = MAXIMUMS.get(dotted, math.inf)
+    # NaN fails every comparison, so finiteness is checked first, explicitly; int(inf) would raise OverflowError.
+    ok = _finite_number(value) and (kind is float or float(value).is_integer()) and minimum <= value <= maximum
+    if not ok:
+        what = "an integer" if kind is int else "a finite number"
+        bounds = ("> 0" if minimum == POSITIVE else f">= {minimum:g}") + (
+            f" and <= {maximum:g}" if maximum < math.inf else ""
+        )
+        raise ConfigError(f"{dotted}: expected {what} {bounds}{' or null' if optional else ''}, got {value!r}")
+    if kind is int:
+        config[section][key] = int(value)
+
+
+def _non_finite(value: Any) -> bool:
+    """True when ``value`` is, or (in a list or mapping) holds, a NaN or infinite float."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, Mapping):
+        return any(_non_finite(v) for v in value.values())
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return any(_non_finite(v) for v in value)
+    return False
+
+
+def _build_on_meta(cls, kwargs: Mapping[str, Any]) -> Exception | None:
+    """Builds ``cls(**kwargs)`` on the meta device (no memory, no compute); returns the error, if any."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            cls(**kwargs)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+        return err
+    return None
 
 
 def _check_method(method: Mapping[str, Any]) -> None:
     """Checks the method's keyword arguments against its signature, then builds it on the meta
-    device (no memory, no compute) so that bad values fail now rather than after the data is read."""
-    import torch
-
+    device so that bad values fail now rather than after the data is read. When the build fails,
+    each argument is tried alone to name the offending key."""
     kwargs = dict(method)
     cls = method_class(kwargs.pop("name"))
     params = inspect.signature(cls.__init__).parameters
-    for key in kwargs:
+    for key, value in kwargs.items():
         if key not in params or key == "self":
             known = ", ".join(p for p in params if p != "self")
             raise ConfigError(f"method.{key}: not a parameter of {cls.__name__}; known: {known}")
-    try:
-        with torch.device("meta"):
-            cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(
-            f"method: {cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): {err}"
-        ) from err
+        if _non_finite(value):
+            raise ConfigError(f"method.{key}: NaN and infinite values are not allowed, got {value!r}")
+    err = _build_on_meta(cls, kwargs)
+    if err is None:
+        return
+    alone = {key: _build_on_meta(cls, {key: value}) for key, value in kwargs.items()}
+    culprits = [key for key, failure in alone.items() if failure is not None]
+    if len(culprits) == 1:
+        key = culprits[0]
+        raise ConfigError(f"method.{key}: {cls.__name__}({key}={kwargs[key]!r}): {alone[key]}") from err
+    raise ConfigError(f"method: {cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): {err}") from err

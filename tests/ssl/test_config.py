@@ -1,12 +1,22 @@
-"""Pretraining configs: overrides, validation before training, and every shipped YAML."""
+"""Pretraining configs: overrides, validation before training (NaN and infinities included), and every shipped YAML."""
 
+import inspect
 import re
 from pathlib import Path
 
 import pytest
 
 from objcrop.cli import main
-from objcrop.ssl.config import ConfigError, load_config
+from objcrop.ssl.config import (
+    CHOICES,
+    NUMBERS,
+    OPTIONAL_PAIRS,
+    PAIRS,
+    ConfigError,
+    build_policy,
+    load_config,
+    method_class,
+)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
@@ -83,14 +93,14 @@ def test_yaml_file_reads_exponents_without_a_dot(tmp_path, data):
         ("method.name=simclr", "method.name: 'simclr' is not one of"),
         ("train.precision=fp8", "train.precision"),
         ("method.queue_sise=1024", "method.queue_sise: not a parameter of MoCoV2"),
-        ("method.backbone=vgg16", "method: MoCoV2(backbone='vgg16'): unknown backbone"),
+        ("method.backbone=vgg16", "method.backbone: MoCoV2(backbone='vgg16'): unknown backbone"),
         ("optim.batch_size=0", "optim.batch_size: expected an integer >= 1"),
         ("optim.epochs=2.5", "optim.epochs: expected an integer"),
-        ("optim.momentum=fast", "optim.momentum: expected a number"),
+        ("optim.momentum=fast", "optim.momentum: expected a finite number"),
         ("train.workers=-1", "train.workers: expected an integer >= 0"),
         ("train.deterministic=maybe", "train.deterministic: expected true or false"),
         ("crops.scene_scale=[0.5]", "crops.scene_scale: expected a pair"),
-        ("crops.scene_scale=[0.9, 0.5]", "crops: scene_scale must satisfy"),
+        ("crops.scene_scale=[0.9, 0.5]", "crops.scene_scale: expected 0 < lo <= hi <= 1"),
         ("data.proposals=/nonexistent/store", "data.proposals"),
         ("data.images=/nonexistent/images", "data.images: file or folder not found: /nonexistent/images"),
         ("optim.lr", "expected key=value"),
@@ -140,3 +150,113 @@ def test_cli_check_prints_the_merged_config(tmp_path, data, capsys):
     assert code == 0
     assert '"proposals"' in capsys.readouterr().out
     assert not Path(data["train.out"]).exists()
+
+
+# ------------------------------------------------------------------ NaN, infinities and bad numbers
+
+NON_FINITE = {"nan": ".nan", "inf": ".inf", "-inf": "-.inf"}
+
+
+@pytest.mark.parametrize("value", NON_FINITE.values(), ids=NON_FINITE.keys())
+@pytest.mark.parametrize("key", sorted(NUMBERS))
+def test_every_numeric_key_rejects_nan_and_infinities(data, key, value):
+    """``value < minimum`` is False for NaN, and int(inf) raises OverflowError: both must be ConfigErrors."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: expected"):
+        load_config(None, [*sets(data), f"{key}={value}"])
+
+
+PAIR_KEYS = sorted([*PAIRS, *OPTIONAL_PAIRS, "crops.object_scale"])
+
+
+@pytest.mark.parametrize("value", NON_FINITE.values(), ids=NON_FINITE.keys())
+@pytest.mark.parametrize("position", [0, 1])
+@pytest.mark.parametrize("key", PAIR_KEYS)
+def test_every_pair_rejects_nan_and_infinities(data, key, position, value):
+    pair = ["0.5", "0.5"]
+    pair[position] = value
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: expected a pair of finite numbers"):
+        load_config(None, [*sets(data), f"{key}=[{', '.join(pair)}]"])
+
+
+def numeric_method_parameters():
+    """(method, parameter, default) for every int or float keyword of every method."""
+    found = []
+    for name in CHOICES["method.name"]:
+        for param in inspect.signature(method_class(name).__init__).parameters.values():
+            default = param.default
+            if isinstance(default, int | float) and not isinstance(default, bool):
+                found.append((name, param.name))
+    return found
+
+
+@pytest.mark.parametrize("value", NON_FINITE.values(), ids=NON_FINITE.keys())
+@pytest.mark.parametrize(("method", "param"), numeric_method_parameters())
+def test_every_numeric_method_parameter_rejects_nan_and_infinities(data, method, param, value):
+    with pytest.raises(ConfigError, match=rf"^method\.{param}: NaN and infinite values are not allowed"):
+        load_config(None, [*sets(data), f"method.name={method}", f"method.{param}={value}"])
+
+
+def test_numeric_method_parameters_were_found():
+    assert len(numeric_method_parameters()) >= 10
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("method.dim=-1", "method.dim: MoCoV2(dim=-1): "),  # a RuntimeError of the meta build
+        ("method.queue_size=[.nan]", "method.queue_size: NaN and infinite"),
+        ("optim.max_steps=.inf", "optim.max_steps: expected an integer >= 1 or null, got inf"),
+        ("optim.epochs=true", "optim.epochs: expected an integer"),
+        ("optim.lr=0", "optim.lr: expected a finite number > 0"),
+        ("crops.scene_ratio=[0, 1]", "crops.scene_ratio: expected 0 < lo <= hi"),
+        ("crops.shift_radius=[100, 80]", "crops.shift_radius: expected 0 <= lo <= hi"),
+        ("crops.scene_scale=[0.5, 1.5]", "crops.scene_scale: expected 0 < lo <= hi <= 1"),
+        ("crops.scene_scale=abc", "crops.scene_scale: expected a pair of numbers"),
+        ("crops.object_scale=[0, 1]", "crops.object_scale: expected 0 < lo <= hi <= 1"),
+        ("crops.object_scale=dataset", "crops.object_scale: 'dataset' is not one of paper, per-region or a pair"),
+        ("crops.object_scale=null", "write per-region"),
+        ("crops.object_scale_cap=0", "crops.object_scale_cap: expected a finite number > 0 and <= 1"),
+        ("crops.object_scale_cap=1.5", "crops.object_scale_cap: expected a finite number > 0 and <= 1"),
+        ("crops.object_scale_cap=.nan", "crops.object_scale_cap: expected a finite number"),
+    ],
+)
+def test_more_bad_values_name_their_key(data, override, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_config(None, [*sets(data), override])
+
+
+def test_integral_floats_of_integer_keys_become_ints(data):
+    config = load_config(None, [*sets(data), "optim.max_steps=1e3", "optim.epochs=3.0"])
+    assert config["optim"]["max_steps"] == 1000 and isinstance(config["optim"]["max_steps"], int)
+    assert config["optim"]["epochs"] == 3 and isinstance(config["optim"]["epochs"], int)
+
+
+def test_the_cli_reports_a_nan_learning_rate_with_exit_code_2(tmp_path, data, capsys):
+    code = main(["pretrain", "--config", str(CONFIGS[0]), *[f"--set={s}" for s in sets(data)], "--set=optim.lr=.nan"])
+    assert code == 2
+    assert "optim.lr: expected a finite number" in capsys.readouterr().err
+    assert not Path(data["train.out"]).exists()
+
+
+# ------------------------------------------------------------------ crops.object_scale
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"), [(None, "paper"), ("per-region", "per-region"), ("[0.3, 0.8]", (0.3, 0.8))]
+)
+def test_object_scale_modes_and_pairs_reach_the_policy(data, setting, expected):
+    overrides = [*sets(data), "crops.object_scale_cap=0.7"]
+    if setting is not None:
+        overrides.append(f"crops.object_scale={setting}")
+    config = load_config(None, overrides)
+    policy = build_policy(config["crops"])
+    assert policy.object_scale == expected
+    assert policy.object_scale_cap == pytest.approx(0.7)
+
+
+def test_the_derived_object_scale_of_a_saved_config_is_dropped_on_input(tmp_path, data):
+    saved = tmp_path / "saved.yaml"
+    saved.write_text("crops:\n  object_scale_resolved: [0.45, 1.0]\n", encoding="utf-8")
+    config = load_config(saved, sets(data))
+    assert "object_scale_resolved" not in config["crops"]
+    assert load_config(None, [*sets(data), "crops.object_scale_resolved=bogus"])["crops"]["object_scale"] == "paper"
