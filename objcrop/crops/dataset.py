@@ -15,9 +15,13 @@ from objcrop.crops.transforms import ViewPairTransform, ViewTransform
 from objcrop.data.images import ImageReadError, load_image
 from objcrop.data.records import Records
 
-__all__ = ["BoxSource", "ObjectAwareDataset"]
+__all__ = ["BoxSource", "NoUsableImageError", "ObjectAwareDataset"]
 
 logger = logging.getLogger(__name__)
+
+
+class NoUsableImageError(RuntimeError):
+    """Not one record of the dataset can be decoded (or matches its recorded size)."""
 
 
 class BoxSource(Protocol):
@@ -33,8 +37,12 @@ class ObjectAwareDataset(Dataset):
     workers share those pages with the parent instead of copying them.
 
     An image that cannot be decoded, or whose decoded size differs from its record (its boxes
-    would be misplaced), is logged, counted in :attr:`skipped` and replaced by the next record;
-    after ``max_tries`` bad records in a row the sample raises.
+    would be misplaced), is logged, counted in :attr:`skipped`, remembered in :attr:`known_bad` (so
+    it is not read again) and replaced by the next usable record, wrapping around: a run of bad
+    files never ends a long job while a usable record remains. A run of ``max_tries`` or more bad
+    records in a row is logged once more as such; only a dataset without any usable record raises
+    :class:`NoUsableImageError`. The records a sample skipped are the ``replaced`` ones just before
+    its ``index`` (modulo the length), so a trainer can count the distinct bad records it met.
 
     Args:
         records: The images (paths and sizes).
@@ -46,7 +54,7 @@ class ObjectAwareDataset(Dataset):
             ``(seed, epoch, index)`` alone: the same whatever the number of workers or the order, so a
             resumed run repeats the uninterrupted one exactly (call :meth:`set_epoch` each epoch).
             Without one, each DataLoader worker draws from its own stream seeded by the DataLoader.
-        max_tries: How many records a sample may try before giving up.
+        max_tries: Length of a run of bad records in a row that is reported as a run (the scan goes on).
 
     Returns (from ``__getitem__``):
         A dict with ``views`` (list of two tensors), ``kinds`` (int64 ``[2]`` codes from
@@ -79,6 +87,7 @@ class ObjectAwareDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.skipped = 0
+        self.known_bad: set[int] = set()  # records that failed to load: skipped without reading again
 
     @property
     def policy(self) -> ViewPairPolicy:
@@ -132,15 +141,24 @@ class ObjectAwareDataset(Dataset):
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} records")
         index %= n
-        for replaced in range(min(self.max_tries, n)):
+        failed_here = 0
+        for replaced in range(n):  # forward, wrapping around, to the first usable record
             i = (index + replaced) % n
+            if replaced == self.max_tries and failed_here:
+                logger.warning(
+                    "%d or more unusable records in a row from record %d (%s); scanning on to the next usable one",
+                    replaced, index, self.records.path(index),
+                )  # fmt: skip
+            if i in self.known_bad:
+                continue
             image = self._load(i)
             if image is None:
+                self.known_bad.add(i)
+                failed_here += 1
                 continue
             views, kinds, fallback = self._views(image, i, index)
             codes = torch.tensor([KIND_CODES[k] for k in kinds], dtype=torch.int64)
             return {"views": views, "kinds": codes, "index": i, "replaced": replaced, "fallback": fallback}
-        raise RuntimeError(
-            f"no usable image in {min(self.max_tries, n)} records from {index} ({self.records.path(index)}); "
-            "see the warnings above"
+        raise NoUsableImageError(
+            f"none of the {n} records can be used (the first: {self.records.path(0)}); see the warnings above"
         )

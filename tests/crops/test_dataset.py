@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from objcrop.crops.dataset import ObjectAwareDataset
+from objcrop.crops.dataset import NoUsableImageError, ObjectAwareDataset
 from objcrop.crops.policies import KIND_CODES, POLICIES, ViewPairPolicy
 from objcrop.data.records import Record, Records
 
@@ -120,14 +120,44 @@ def test_a_decoded_size_that_differs_from_the_record_is_skipped(tmp_path, caplog
     assert "differs from the record" in caplog.text and "img0.jpg" in caplog.text
 
 
-def test_gives_up_after_max_tries_with_a_clear_error(tmp_path):
+def test_raises_only_when_no_record_is_usable(tmp_path):
     for k in range(5):
         (tmp_path / f"bad{k}.jpg").write_bytes(b"")
     records = make_records(tmp_path, [f"bad{k}.jpg" for k in range(5)])
     dataset = ObjectAwareDataset(records, make_store(records), ViewPairPolicy(), size=16, max_tries=3)
-    with pytest.raises(RuntimeError, match=r"no usable image in 3 records .*bad0\.jpg"):
+    with pytest.raises(NoUsableImageError, match=r"none of the 5 records can be used .*bad0\.jpg"):
+        dataset[2]
+    assert dataset.skipped == 5
+    with pytest.raises(NoUsableImageError):
         dataset[0]
-    assert dataset.skipped == 3
+    assert dataset.skipped == 5  # known-bad records are not read again
+
+
+def test_a_run_of_bad_records_longer_than_max_tries_is_scanned_past_and_remembered(tmp_path, caplog):
+    """30 corrupt JPEGs in a row, max_tries 10: the sample comes from the first good record after them."""
+    good = write_images(tmp_path, 3)
+    for k in range(30):
+        (tmp_path / f"bad{k}.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    names = [good[0], *[f"bad{k}.jpg" for k in range(30)], good[1], good[2]]
+    records = make_records(tmp_path, names)
+    dataset = ObjectAwareDataset(
+        records, make_store(records), ViewPairPolicy("obj-scene"), size=16, seed=0, max_tries=10
+    )
+    with caplog.at_level(logging.WARNING, logger="objcrop.crops.dataset"):
+        sample = dataset[1]
+    assert (sample["index"], sample["replaced"]) == (31, 30)
+    assert dataset.skipped == 30 and dataset.known_bad == set(range(1, 31))
+    assert "unusable records in a row from record 1" in caplog.text
+    # Later samples in the run skip the known-bad records without reading them again.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="objcrop.crops.dataset"):
+        assert (dataset[20]["index"], dataset[20]["replaced"]) == (31, 11)
+    assert dataset.skipped == 30 and caplog.text == ""
+    # The views depend on the requested index, not on how many records were skipped.
+    fresh = ObjectAwareDataset(records, make_store(records), ViewPairPolicy("obj-scene"), size=16, seed=0)
+    fresh.known_bad.update(range(1, 31))
+    assert all(torch.equal(a, b) for a, b in zip(fresh[1]["views"], sample["views"], strict=True))
+    assert fresh.skipped == 0
 
 
 def test_rejects_a_store_without_boxes_of(records):
