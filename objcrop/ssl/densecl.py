@@ -25,7 +25,15 @@ from objcrop.ssl.losses import (
     densecl_loss,
     info_nce_from_logits,
 )
-from objcrop.ssl.moco import KeyQueue, MomentumEncoders, batch_shuffle, batch_unshuffle, momentum_copy
+from objcrop.ssl.moco import (
+    KeyQueue,
+    MomentumEncoders,
+    batch_shuffle,
+    batch_unshuffle,
+    momentum_copy,
+    split_bn_forward,
+    world_size,
+)
 
 __all__ = ["DENSE_QUEUES", "DenseCL", "DenseEncoder", "DenseOutput"]
 
@@ -85,6 +93,8 @@ class DenseCL(MomentumEncoders):
         sync_bn: Convert every BatchNorm layer to SyncBatchNorm.
         symmetric: Also use view 2 as query and view 1 as key (mean of both directions).
         small_images: CIFAR-style stem for 32-96 px inputs.
+        split_bn_groups: Groups of the single-process shuffle-BN emulation for the queues
+            (:func:`~objcrop.ssl.moco.split_bn_forward`); 1 turns it off.
     """
 
     def __init__(
@@ -103,8 +113,11 @@ class DenseCL(MomentumEncoders):
         sync_bn: bool = False,
         symmetric: bool = False,
         small_images: bool = False,
+        split_bn_groups: int = 8,
     ) -> None:
         super().__init__()
+        if split_bn_groups < 1:
+            raise ValueError(f"split_bn_groups must be >= 1, got {split_bn_groups}")
         if dense_queue not in DENSE_QUEUES:
             raise ValueError(f"dense_queue must be one of {DENSE_QUEUES}, got {dense_queue!r}")
         if not 0.0 <= lambda_ <= 1.0:
@@ -126,6 +139,7 @@ class DenseCL(MomentumEncoders):
         self.temperature = temperature
         self.lambda_ = lambda_
         self.shuffle_bn = shuffle_bn
+        self.split_bn_groups = 1 if sync_bn else int(split_bn_groups)
         self.symmetric = symmetric
 
     @torch.no_grad()
@@ -133,6 +147,8 @@ class DenseCL(MomentumEncoders):
         """Key-encoder outputs of ``views`` (``kinds`` ``[B, V]``), shuffling BN across ranks if set."""
         if not self.shuffle_bn:
             return self.key_encoder(views, kinds)
+        if world_size() == 1:
+            return split_bn_forward(self.key_encoder, views, kinds, self.split_bn_groups)
         shuffled, idx_unshuffle = batch_shuffle([*views, kinds])
         outputs = self.key_encoder(shuffled[:-1], shuffled[-1])
         return [DenseOutput(*batch_unshuffle(list(out), idx_unshuffle)) for out in outputs]

@@ -37,6 +37,7 @@ __all__ = [
     "concat_all_gather",
     "ema_update_",
     "momentum_copy",
+    "split_bn_forward",
     "world_size",
 ]
 
@@ -67,7 +68,7 @@ def batch_shuffle(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torc
 
     Returns:
         The shuffled tensors for this rank and the index that undoes the permutation (``None``
-        with one process), for :func:`batch_unshuffle`.
+        with one process), for :func:`batch_unshuffle`. One process: see :func:`split_bn_forward`.
     """
     n = world_size()
     if n == 1:
@@ -86,6 +87,63 @@ def batch_unshuffle(tensors: list[torch.Tensor], idx_unshuffle: torch.Tensor | N
         return list(tensors)
     mine = idx_unshuffle.view(world_size(), -1)[dist.get_rank()]
     return [concat_all_gather(t)[mine] for t in tensors]
+
+
+def has_batch_norm(module: nn.Module) -> bool:
+    """True when ``module`` holds a BatchNorm layer (SyncBatchNorm included)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def _cat_outputs(parts: list) -> object:
+    """Concatenates per-group outputs: tensors, or (named) tuples and lists of them, field by field."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    fields = [_cat_outputs([p[i] for p in parts]) for i in range(len(first))]
+    return type(first)(*fields) if hasattr(first, "_fields") else type(first)(fields)
+
+
+def _take(outputs, index: torch.Tensor):
+    if isinstance(outputs, torch.Tensor):
+        return outputs[index]
+    fields = [_take(o, index) for o in outputs]
+    return type(outputs)(*fields) if hasattr(outputs, "_fields") else type(outputs)(fields)
+
+
+@torch.no_grad()
+def split_bn_forward(
+    encoder: nn.Module, views: list[torch.Tensor], kinds: torch.Tensor, groups: int, min_group_size: int = 8
+) -> list:
+    """Shuffle-BN in one process: the key batch is shuffled and encoded in ``groups`` sub-batches.
+
+    With several ranks, :func:`batch_shuffle` makes each key's BatchNorm statistics come from a random
+    sub-batch that does not hold its query's sub-batch. In one process the whole key batch shares one
+    set of statistics, which the positive key shares with its query's batch while the queued negatives
+    do not: the network can find the positive from the statistics alone (MoCo's "BN leak"). Here each
+    group is normalised with its own statistics, like the official single-GPU demo's SplitBatchNorm
+    (which also averages the running statistics over groups; here each group updates them in turn, which
+    only matters for a key encoder put in eval mode). Groups hold at least ``min_group_size`` samples:
+    statistics of a handful of samples are mostly noise (MoCo's per-GPU batch is 32), so small batches
+    get fewer groups, and a batch under twice that size is encoded whole.
+
+    Args:
+        encoder: Called as ``encoder(views, kinds)``; returns one output per view (tensors or tuples).
+        views: ``V`` tensors ``[B, ...]``.
+        kinds: ``[B, V]`` kind codes.
+        groups: Number of groups (like the number of GPUs the shuffle emulates).
+        min_group_size: Smallest group (at least 2: BatchNorm needs two samples in train mode).
+
+    Returns:
+        The encoder's outputs, in the original sample order.
+    """
+    n = kinds.shape[0]
+    groups = min(int(groups), n // max(2, int(min_group_size)))
+    if groups <= 1:
+        return encoder(views, kinds)
+    permutation = torch.randperm(n, device=kinds.device)
+    parts = [encoder([v[idx] for v in views], kinds[idx]) for idx in torch.chunk(permutation, groups)]
+    restore = torch.argsort(permutation)
+    return [_take(_cat_outputs([p[j] for p in parts]), restore) for j in range(len(views))]
 
 
 def momentum_copy(module: nn.Module) -> nn.Module:
@@ -178,12 +236,16 @@ class MoCoV2(MomentumEncoders):
         temperature: Softmax temperature.
         separate_heads: One head for object views and one for context views (see
             :class:`~objcrop.ssl.heads.KindRoutedHead`).
-        shuffle_bn: Shuffle the key batch across ranks (:func:`batch_shuffle`).
+        shuffle_bn: Shuffle the key batch across ranks (:func:`batch_shuffle`). In one process with a
+            queue, emulate it with ``split_bn_groups`` groups (:func:`split_bn_forward`).
         sync_bn: Convert the BatchNorm layers of both encoders to SyncBatchNorm (which makes
             ``shuffle_bn`` unnecessary: statistics then span the global batch anyway).
         symmetric: Also use view 2 as query and view 1 as key; the loss is the mean of both
             directions and both key batches enter the queue.
         small_images: CIFAR-style stem for 32-96 px inputs.
+        split_bn_groups: Groups of the single-process shuffle-BN emulation (8 GPUs in the paper's
+            setting); 1 turns it off. Only used with one process, a queue and BatchNorm in the key
+            encoder: with in-batch negatives the positive and the negatives share statistics anyway.
     """
 
     def __init__(
@@ -199,8 +261,11 @@ class MoCoV2(MomentumEncoders):
         sync_bn: bool = False,
         symmetric: bool = False,
         small_images: bool = False,
+        split_bn_groups: int = 8,
     ) -> None:
         super().__init__()
+        if split_bn_groups < 1:
+            raise ValueError(f"split_bn_groups must be >= 1, got {split_bn_groups}")
         trunk, feature_dim = build_backbone(backbone, small_images=small_images)
         hidden_dim = hidden_dim or feature_dim
         head = KindRoutedHead(lambda: MLPHead(feature_dim, hidden_dim, dim), separate=separate_heads)
@@ -214,6 +279,7 @@ class MoCoV2(MomentumEncoders):
         self.momentum = momentum
         self.temperature = temperature
         self.shuffle_bn = shuffle_bn
+        self.split_bn_groups = int(split_bn_groups) if self.queue is not None and not sync_bn else 1
         self.symmetric = symmetric
 
     def dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
@@ -247,6 +313,9 @@ class MoCoV2(MomentumEncoders):
         """Normalised key embeddings of ``views`` (``kinds`` ``[B, V]``), shuffling BN across ranks if set."""
         if not self.shuffle_bn:
             return [F.normalize(k, dim=1) for k in self.key_encoder(views, kinds)]
+        if world_size() == 1:
+            keys = split_bn_forward(self.key_encoder, views, kinds, self.split_bn_groups)
+            return [F.normalize(k, dim=1) for k in keys]
         shuffled, idx_unshuffle = batch_shuffle([*views, kinds])
         keys = self.key_encoder(shuffled[:-1], shuffled[-1])
         return [F.normalize(k, dim=1) for k in batch_unshuffle(keys, idx_unshuffle)]

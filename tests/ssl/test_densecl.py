@@ -108,3 +108,19 @@ def test_a_few_epochs_on_a_small_pool_reduce_the_loss():
         losses.append(loss.item())
     first_epoch, last_epoch = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last_epoch < first_epoch - 0.3, losses
+
+
+def test_one_process_densecl_splits_the_key_batch_into_groups():
+    torch.manual_seed(0)
+    model = _tiny_densecl(split_bn_groups=2).train()
+    views = _views(0, (16, 3, PX, PX))
+    kinds = torch.tensor([[OBJ, DIL], [DIL, OBJ]]).repeat(8, 1)
+    torch.manual_seed(5)
+    out = model.encode_keys([views[1]], kinds[:, [1]])[0]
+    torch.manual_seed(5)
+    for members in torch.chunk(torch.randperm(16), 2):
+        alone = model.key_encoder([views[1][members]], kinds[members][:, [1]])[0]
+        for got, want in zip(out, alone, strict=True):  # global, dense and backbone-grid outputs
+            torch.testing.assert_close(got[members], want)
+    whole = model.key_encoder([views[1]], kinds[:, [1]])[0]
+    assert not torch.allclose(out[0], whole[0], atol=1e-4)

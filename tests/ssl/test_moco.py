@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from objcrop.crops.policies import KIND_CODES
 from objcrop.ssl.heads import KindRoutedHead, MLPHead, views_and_kinds
-from objcrop.ssl.moco import KeyQueue, MoCoV2, batch_shuffle, batch_unshuffle, concat_all_gather
+from objcrop.ssl.moco import KeyQueue, MoCoV2, batch_shuffle, batch_unshuffle, concat_all_gather, split_bn_forward
 from objcrop.ssl.reference import reference_moco_v2_step
 
 torch.set_num_threads(1)
@@ -77,7 +77,11 @@ def test_queue_is_filled_in_training_only_and_saved_for_resume():
     assert {"queue.keys", "queue.ptr"} <= set(state)
     resumed = _tiny_moco(symmetric=True)
     resumed.load_state_dict(state)
-    torch.testing.assert_close(resumed(_batch(1))["loss"], model(_batch(1))["loss"])
+    losses = []
+    for net in (resumed, model):
+        torch.manual_seed(7)  # the same single-process shuffle-BN permutation
+        losses.append(net(_batch(1))["loss"])
+    torch.testing.assert_close(*losses)
     torch.testing.assert_close(resumed.queue.keys, model.queue.keys)
 
 
@@ -137,7 +141,9 @@ def test_separate_heads_get_gradients_only_from_their_views_and_view_order_does_
 
 def test_step_matches_reference_pseudocode():
     torch.manual_seed(0)
-    model = _tiny_moco(momentum=0.99)
+    # The pseudocode is one GPU's share of a shuffled batch: its keys are normalised over the whole
+    # (local) batch, so the single-process split is off here (it has a test of its own below).
+    model = _tiny_moco(momentum=0.99, split_bn_groups=1)
     reference = copy.deepcopy(model)
     f_q = nn.Sequential(reference.query_encoder.backbone, reference.query_encoder.head.heads[0])
     f_k = nn.Sequential(reference.key_encoder.backbone, reference.key_encoder.head.heads[0])
@@ -283,3 +289,65 @@ def test_shuffle_bn_and_queue_across_two_gloo_processes(tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+
+
+# ------------------------------------------------------------------ single-process shuffle-BN
+
+
+def test_split_bn_forward_normalises_each_key_with_its_own_groups_statistics():
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).train()
+
+    def encode(views, kinds):
+        return [encoder(v).mean(dim=(2, 3)) for v in views]
+
+    x = torch.randn(12, 3, 5, 5)
+    kinds = torch.zeros(12, 1, dtype=torch.long)
+    torch.manual_seed(1)
+    keys = split_bn_forward(encode, [x], kinds, groups=3, min_group_size=2)[0]
+    torch.manual_seed(1)
+    groups = torch.chunk(torch.randperm(12), 3)  # the permutation split_bn_forward drew
+    for members in groups:
+        alone = encode([x[members]], kinds[members])[0]  # a batch of just this group
+        torch.testing.assert_close(keys[members], alone)
+    # A key changes when a member of its own group changes, and not when another group's does.
+    first, other = groups[0], groups[1]
+    changed = x.clone()
+    changed[other[0]] += 5.0
+    torch.manual_seed(1)
+    keys_other = split_bn_forward(encode, [changed], kinds, groups=3, min_group_size=2)[0]
+    torch.testing.assert_close(keys_other[first], keys[first])
+    changed = x.clone()
+    changed[first[1]] += 5.0
+    torch.manual_seed(1)
+    keys_same = split_bn_forward(encode, [changed], kinds, groups=3, min_group_size=2)[0]
+    # Groups never fall below min_group_size: 12 samples in groups of at least 8 are encoded whole.
+    torch.testing.assert_close(split_bn_forward(encode, [x], kinds, groups=3)[0], encode([x], kinds)[0])
+    assert not torch.allclose(keys_same[first[0]], keys[first[0]])
+    # And the whole-batch statistics of a plain forward differ from every group's.
+    assert not torch.allclose(encode([x], kinds)[0], keys)
+
+
+def test_one_process_moco_with_a_queue_splits_the_key_batch_in_train_mode():
+    torch.manual_seed(0)
+    model = _tiny_moco(split_bn_groups=2).train()
+    batch = _batch(0, size=2 * BATCH)  # two groups of the minimum size 8
+    views, kinds = views_and_kinds(batch)
+    torch.manual_seed(3)
+    keys = model.encode_keys([views[1]], kinds[:, [1]])[0]
+    whole = torch.nn.functional.normalize(model.key_encoder([views[1]], kinds[:, [1]])[0], dim=1)
+    assert not torch.allclose(keys, whole, atol=1e-4)  # the leak-free keys differ from whole-batch BN
+    torch.manual_seed(3)
+    halves = torch.chunk(torch.randperm(2 * BATCH), 2)
+    for members in halves:
+        alone = model.key_encoder([views[1][members]], kinds[members][:, [1]])[0]
+        torch.testing.assert_close(keys[members], torch.nn.functional.normalize(alone, dim=1))
+    # No emulation without a queue (in-batch negatives share the statistics), or with groups=1.
+    for settings in ({"queue_size": 0, "split_bn_groups": 2}, {"split_bn_groups": 1}):
+        plain = _tiny_moco(**settings).train()
+        plain.load_state_dict(model.state_dict(), strict=False)
+        out = plain.encode_keys([views[1]], kinds[:, [1]])[0]
+        ref = torch.nn.functional.normalize(plain.key_encoder([views[1]], kinds[:, [1]])[0], dim=1)
+        torch.testing.assert_close(out, ref)
+    with pytest.raises(ValueError, match="split_bn_groups"):
+        _tiny_moco(split_bn_groups=0)
