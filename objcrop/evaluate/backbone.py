@@ -5,9 +5,12 @@ Three kinds of ``spec``:
 * ``runs/x/checkpoints/ckpt-00001000.pt``: a checkpoint written by ``objcrop pretrain``; the
   architecture comes from its config (``method.backbone``, ``method.small_images``);
 * ``backbone.pth``: a torchvision-named state dict (``objcrop export``, ``objcrop supervised``, or a
-  torchvision ResNet's own weights; ``fc.*`` is ignored). The architecture is read from the sidecar
-  ``backbone.pth.json`` (``{"arch": ..., "small_images": ...}``) when there is one, else it must be given;
-* ``random:resnet18``: the architecture with seeded random weights, the "no pretraining" row.
+  torchvision ResNet's own weights; ``fc.*`` is ignored), or for ``timm:<name>`` a timm-named one (any
+  ``timm.create_model(name).state_dict()``; the classifier head is ignored). The architecture is read from
+  the sidecar ``backbone.pth.json`` (``{"arch": ..., "small_images": ...}``) when there is one, else it
+  must be given;
+* ``random:resnet18`` or ``random:timm:<name>``: the architecture with seeded random weights, the
+  "no pretraining" row.
 
 Every file is read with ``torch.load(weights_only=True)``.
 """
@@ -24,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from objcrop.io import write_json_atomic
-from objcrop.ssl.backbones import build_backbone
+from objcrop.ssl.backbones import build_backbone, load_trunk_weights
 
 __all__ = ["BackboneInfo", "RANDOM_PREFIX", "arch_sidecar", "backbone_info", "load_backbone", "write_arch_sidecar"]
 
@@ -38,7 +41,7 @@ class BackboneInfo:
     Attributes:
         spec: The spec as given.
         kind: ``"checkpoint"``, ``"state_dict"`` or ``"random"``.
-        arch: Backbone name (see :data:`objcrop.ssl.backbones.BACKBONES`).
+        arch: Backbone name (see :data:`objcrop.ssl.backbones.BACKBONES`, or ``timm:<name>``).
         small_images: Whether the trunk has the small-image stem.
         path: Absolute path of the weights file (empty for ``random``).
         mtime_ns: Modification time of the file (0 for ``random``).
@@ -156,7 +159,7 @@ def _trunk_weights(info: BackboneInfo) -> dict[str, torch.Tensor]:
     state = _load_file(Path(info.path))
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+    return state
 
 
 def load_backbone(
@@ -184,12 +187,8 @@ def load_backbone(
             net, dim = build_backbone(info.arch, small_images=info.small_images)
         return net.eval(), dim
     net, dim = build_backbone(info.arch, small_images=info.small_images)
-    weights = _trunk_weights(info)
     try:
-        net.load_state_dict(weights, strict=True)
-    except RuntimeError as err:
-        raise ValueError(
-            f"{info.path}: weights do not fit {info.arch} (small_images={info.small_images}); "
-            f"check --arch / --small-images: {str(err).splitlines()[0]}"
-        ) from err
+        load_trunk_weights(net, _trunk_weights(info), f"{info.path}: weights")  # the classifier is ignored
+    except ValueError as err:
+        raise ValueError(f"{err}; check --arch ({info.arch}) / --small-images ({info.small_images})") from err
     return net.eval(), dim

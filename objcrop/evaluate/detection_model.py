@@ -1,7 +1,13 @@
-"""A torchvision Faster R-CNN with FPN on a pretrained (or random) objcrop ResNet backbone.
+"""A torchvision Faster R-CNN with FPN on a pretrained (or random) objcrop backbone.
 
 Nothing is downloaded: the ResNet is built with ``weights=None`` and takes its weights from an
 objcrop checkpoint or an exported torchvision ``state_dict``.
+
+A ``timm:<name>`` CNN becomes the FPN's body through timm's feature extraction (``FeatureGetterNet``,
+what ``timm.create_model(..., features_only=True, feature_cls="getter")`` builds) on its stride 4, 8, 16
+and 32 maps, after its weights are loaded under timm's own names; torchvision's
+``FeaturePyramidNetwork`` sits on top. Vision transformers have one stride-16 map and need a
+ViTDet-style neck, which objcrop does not build: they are refused.
 
 Normalization of the backbone (``norm``):
 
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -25,10 +32,10 @@ import torchvision
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from objcrop.ssl.backbones import BACKBONES
+from objcrop.ssl.backbones import BACKBONES, TimmTrunk, is_timm, load_trunk_weights
 
 __all__ = ["NORMS", "backbone_weights", "build_detector", "freeze_batchnorm", "load_backbone_weights"]
 
@@ -44,11 +51,12 @@ def backbone_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
 
     Args:
         path: A ``ckpt-*.pt`` written by ``objcrop pretrain``, or a ``.pth`` written by
-            ``objcrop export --to torchvision`` (any torchvision ResNet ``state_dict``; ``fc`` is ignored).
+            ``objcrop export --to torchvision`` (any torchvision ResNet ``state_dict``; ``fc`` is ignored;
+            or a timm ``state_dict`` whose ``<path>.json`` sidecar names ``timm:<name>``).
 
     Returns:
-        The weights with torchvision ResNet names, and the architecture recorded in a checkpoint
-        (``None`` for a plain ``state_dict``).
+        The weights with torchvision ResNet (or timm) names, and the architecture recorded in a
+        checkpoint or the file's sidecar (``None`` for a plain ``state_dict`` without one).
 
     Raises:
         FileNotFoundError: ``path`` is not a file.
@@ -75,7 +83,22 @@ def backbone_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         return backbone_from_checkpoint(path), method.get("backbone")
     if not state or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise ValueError(f"{path}: not a state_dict of tensors")
-    return state, None
+    return state, _sidecar_arch(path)
+
+
+def _sidecar_arch(path: str) -> str | None:
+    from objcrop.evaluate.backbone import arch_sidecar
+
+    sidecar = arch_sidecar(path)
+    if not sidecar.is_file():
+        return None
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{sidecar}: unreadable architecture sidecar: {err}") from err
+    if meta.get("small_images"):
+        raise ValueError(f"{path}: the small-image stem (3x3, no max-pool) does not fit detection (see {sidecar})")
+    return meta.get("arch")
 
 
 def load_backbone_weights(resnet: nn.Module, weights: dict[str, torch.Tensor], source: str = "weights") -> None:
@@ -123,6 +146,110 @@ def _freeze_stages(resnet: nn.Module, trainable_layers: int, norm: str) -> None:
             setattr(resnet, name, freeze_batchnorm(child))
 
 
+def _resnet_fpn_backbone(
+    arch: str, weights: dict | None, trainable_layers: int, norm: str, weights_source: str
+) -> BackboneWithFPN:
+    resnet = torchvision.models.get_model(
+        arch, weights=None, norm_layer=FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d
+    )
+    if weights is not None:
+        load_backbone_weights(resnet, weights, weights_source)
+    _freeze_stages(resnet, trainable_layers, norm)
+    c2 = resnet.inplanes // 8  # channels of layer1's output (256 for ResNet-50, 64 for ResNet-18)
+    return BackboneWithFPN(
+        resnet,
+        return_layers={f"layer{k}": str(k - 1) for k in range(1, 5)},
+        in_channels_list=[c2 * 2**k for k in range(4)],
+        out_channels=_FPN_CHANNELS,
+        extra_blocks=LastLevelMaxPool(),
+        norm_layer=nn.BatchNorm2d if norm == "bn" else None,
+    )
+
+
+class TimmFPNBackbone(nn.Module):
+    """A timm feature extractor (four maps, strides 4 to 32) under torchvision's ``FeaturePyramidNetwork``.
+
+    Outputs maps ``"0"`` to ``"3"`` and ``"pool"`` with :attr:`out_channels` channels, like torchvision's
+    ``BackboneWithFPN``, so ``FasterRCNN``'s default anchors and RoI pooling apply unchanged.
+    """
+
+    def __init__(self, body: nn.Module, in_channels: Sequence[int], norm_layer: type[nn.Module] | None) -> None:
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(
+            list(in_channels), _FPN_CHANNELS, extra_blocks=LastLevelMaxPool(), norm_layer=norm_layer
+        )
+        self.out_channels = _FPN_CHANNELS
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
+
+
+def _stages_of_modules(model: nn.Module, levels: Sequence[str]) -> dict[str, int]:
+    """Stage of every module: 0 for the stem, k for the k-th pyramid level's module and what runs after it
+    up to the next level (modules are registered in the order they run)."""
+    stages, current = {}, 0
+    for name, _ in model.named_modules():
+        level = next((k for k, m in enumerate(levels, 1) if name == m or name.startswith(m + ".")), None)
+        if level is not None:
+            current = level
+            stages[name] = level
+        else:
+            stages[name] = min(current + 1, len(levels)) if current else 0
+    return stages
+
+
+def _freeze_timm_stages(model: nn.Module, levels: Sequence[str], trainable_layers: int, norm: str) -> nn.Module:
+    from timm.layers import freeze_batch_norm_2d
+
+    if norm == "frozen":  # every BatchNorm (timm's fused BatchNormAct2d keeps its activation)
+        model = freeze_batch_norm_2d(model)
+    stages = _stages_of_modules(model, levels)
+    first_trained = len(levels) + 1 - trainable_layers
+    for name, param in model.named_parameters():  # by owning module: containers may span stages
+        if stages[name.rpartition(".")[0]] < first_trained:
+            param.requires_grad_(False)
+    if norm == "bn":  # like Detectron2's FREEZE_AT: frozen stages keep their statistics too
+        for name, module in list(model.named_modules()):
+            if name and stages[name] < first_trained and isinstance(module, nn.modules.batchnorm._BatchNorm):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, freeze_batch_norm_2d(module))
+    return model
+
+
+def timm_fpn_backbone(
+    arch: str,
+    weights: dict[str, torch.Tensor] | None = None,
+    trainable_layers: int = 3,
+    norm: str = "frozen",
+    weights_source: str = "weights",
+) -> TimmFPNBackbone:
+    """The FPN backbone of a ``timm:<name>`` CNN: its stride 4, 8, 16, 32 maps into a 256-channel FPN.
+
+    Raises:
+        ValueError: A vision transformer (named, with what it would need), a model without those four
+            strides, or weights that do not fit.
+    """
+    from timm.models._features import FeatureGetterNet
+
+    trunk = TimmTrunk(arch)
+    if trunk.patch_size is not None:
+        raise ValueError(
+            f"{arch} is a vision transformer: detection transfer needs a ViTDet-style neck (a feature pyramid "
+            "built from its single stride-16 map), which is out of scope; use a CNN such as timm:resnet50"
+        )
+    if weights is not None:
+        load_trunk_weights(trunk, weights, weights_source)
+    info = list(trunk.model.feature_info)
+    indices = [i for i, f in enumerate(info) if f["reduction"] >= 4][-4:]
+    if [info[i]["reduction"] for i in indices] != [4, 8, 16, 32]:
+        raise ValueError(f"{arch}: the FPN needs feature maps at strides 4, 8, 16, 32; timm lists {info}")
+    levels = [info[i]["module"] for i in indices]
+    model = _freeze_timm_stages(trunk.model, levels, trainable_layers, norm)
+    body = FeatureGetterNet(model, out_indices=indices, prune=True)  # drops the head and the final norm
+    return TimmFPNBackbone(body, body.feature_info.channels(), nn.BatchNorm2d if norm == "bn" else None)
+
+
 def build_detector(
     arch: str,
     num_classes: int,
@@ -136,14 +263,16 @@ def build_detector(
     rois_per_image: int = 512,
     weights_source: str = "weights",
 ) -> FasterRCNN:
-    """Builds Faster R-CNN + FPN (P2-P6, 256 channels) on a torchvision ResNet.
+    """Builds Faster R-CNN + FPN (P2-P6, 256 channels) on a torchvision ResNet or a timm CNN.
 
     Args:
-        arch: One of :data:`objcrop.ssl.backbones.BACKBONES`.
+        arch: One of :data:`objcrop.ssl.backbones.BACKBONES`, or ``timm:<name>`` of a CNN with stride 4,
+            8, 16 and 32 feature maps (ResNets, ConvNeXt, EfficientNet, ...).
         num_classes: Object classes, without the background (the model predicts labels ``1..num_classes``).
-        weights: ResNet weights with torchvision names (see :func:`backbone_weights`); ``None`` keeps the
-            random initialisation (the baseline).
-        trainable_layers: ResNet stages trained, counted from ``layer4`` (0 to 5; 5 trains everything).
+        weights: Backbone weights with torchvision (or timm) names (see :func:`backbone_weights`); ``None``
+            keeps the random initialisation (the baseline).
+        trainable_layers: Backbone stages trained, counted from the last (``layer4``; 0 to 5; 5 trains
+            everything, the stem included).
         norm: One of :data:`NORMS` (see the module docstring).
         min_size: Shorter image side; several values pick one at random per training batch (the last
             one is used for testing).
@@ -156,33 +285,21 @@ def build_detector(
 
     Raises:
         ValueError: Unknown ``arch`` or ``norm``, ``trainable_layers`` outside 0..5, weights that do
-            not fit ``arch``.
+            not fit ``arch``, a timm vision transformer (no feature pyramid without a ViTDet neck).
     """
-    if arch not in BACKBONES:
-        raise ValueError(f"unknown backbone {arch!r}; choose one of {', '.join(BACKBONES)}")
+    if not is_timm(arch) and arch not in BACKBONES:
+        raise ValueError(f"unknown backbone {arch!r}; choose one of {', '.join(BACKBONES)} or timm:<name>")
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
     if not 0 <= trainable_layers <= 5:
         raise ValueError(f"trainable_layers must be in 0..5, got {trainable_layers}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
-    resnet = torchvision.models.get_model(
-        arch, weights=None, norm_layer=FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d
-    )
-    if weights is not None:
-        load_backbone_weights(resnet, weights, weights_source)
-    _freeze_stages(resnet, trainable_layers, norm)
-
     layer_norm = nn.BatchNorm2d if norm == "bn" else None
-    c2 = resnet.inplanes // 8  # channels of layer1's output (256 for ResNet-50, 64 for ResNet-18)
-    backbone = BackboneWithFPN(
-        resnet,
-        return_layers={f"layer{k}": str(k - 1) for k in range(1, 5)},
-        in_channels_list=[c2 * 2**k for k in range(4)],
-        out_channels=_FPN_CHANNELS,
-        extra_blocks=LastLevelMaxPool(),
-        norm_layer=layer_norm,
-    )
+    if is_timm(arch):
+        backbone = timm_fpn_backbone(arch, weights, trainable_layers, norm, weights_source)
+    else:
+        backbone = _resnet_fpn_backbone(arch, weights, trainable_layers, norm, weights_source)
     heads: dict[str, nn.Module] = {}
     if norm == "bn":  # Detectron2's FastRCNNConvFCHead (4 conv + 1 fc) with norm, as in MoCo's FPN configs
         heads["box_head"] = FastRCNNConvFCHead((_FPN_CHANNELS, 7, 7), [256] * 4, [1024], norm_layer=layer_norm)

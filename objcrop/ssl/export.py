@@ -1,8 +1,11 @@
-"""Exports a pretrained backbone: a torchvision ``state_dict`` or a Detectron2 ``.pkl``.
+"""Exports a pretrained backbone: a torchvision (or timm) ``state_dict``, or a Detectron2 ``.pkl``.
+
+A ``timm:<name>`` backbone exports under timm's own names: the file loads into
+``timm.create_model(name, pretrained=False)`` with only the classifier head missing.
 
 The Detectron2 file follows the layout of MoCo's converter (``res2``..``res5`` stages, ``stem``,
 ``shortcut`` and ``*.norm`` names, ``matching_heuristics``), so the paper's transfer protocol
-(R50-C4 on VOC, Mask R-CNN FPN on COCO) runs on it unchanged.
+(R50-C4 on VOC, Mask R-CNN FPN on COCO) runs on it unchanged. It exists for torchvision ResNets only.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 import torch
 
 from objcrop.io import atomic_open
+from objcrop.ssl.backbones import is_timm, trunk_weights
 from objcrop.ssl.checkpoint import atomic_torch_save, load_checkpoint
 
 __all__ = ["backbone_from_checkpoint", "to_detectron2_names", "export_torchvision", "export_detectron2"]
@@ -30,12 +34,13 @@ def _backbone_and_method(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     with torch.device("meta"):  # structure only: the weights come from the checkpoint
         method = build_method(config)
     method.load_state_dict(state["model"], assign=True)
-    weights = {k: v.detach().cpu().clone() for k, v in method.backbone.state_dict().items()}
+    weights = {k: v.detach().cpu().clone() for k, v in trunk_weights(method.backbone).items()}
     return weights, config["method"]
 
 
 def backbone_from_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The backbone weights of an objcrop checkpoint, with torchvision ResNet names (no ``fc``)."""
+    """The backbone weights of an objcrop checkpoint, with torchvision ResNet names (no ``fc``) or, for a
+    ``timm:<name>`` backbone, timm's names (no classifier head)."""
     return _backbone_and_method(path)[0]
 
 
@@ -51,7 +56,12 @@ def to_detectron2_names(name: str) -> str:
 
 def export_torchvision(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Writes the backbone as a torchvision ``state_dict`` (load with ``strict=False``: no ``fc``), plus
-    the ``<out>.json`` sidecar naming its architecture for ``objcrop linear/knn/detect``."""
+    the ``<out>.json`` sidecar naming its architecture for ``objcrop linear/knn/detect``.
+
+    A ``timm:<name>`` backbone is written under timm's names instead (``arch`` ``timm:<name>`` in the
+    sidecar): ``timm.create_model(name, pretrained=False).load_state_dict(w, strict=False)`` misses only
+    the classifier head.
+    """
     from objcrop.evaluate.backbone import write_arch_sidecar
 
     weights, method = _backbone_and_method(checkpoint)
@@ -65,9 +75,15 @@ def export_detectron2(checkpoint: str | os.PathLike, out: str | os.PathLike) -> 
 
     Raises:
         ValueError: For a small-image stem (3x3 convolution, no max-pool), which Detectron2's ResNet
-            stem cannot hold: it would skip the mismatched weights with only a warning.
+            stem cannot hold: it would skip the mismatched weights with only a warning; or for a timm
+            backbone, whose names have no Detectron2 mapping.
     """
     weights, method = _backbone_and_method(checkpoint)
+    if is_timm(_arch(method)):
+        raise ValueError(
+            f"{checkpoint}: {_arch(method)} has no Detectron2 layout; export it with --to torchvision "
+            "(a timm state_dict)"
+        )
     if method.get("small_images", False):
         raise ValueError(f"{checkpoint}: a small-image stem has no Detectron2 equivalent; export it for torchvision")
     converted = {to_detectron2_names(k): v.numpy() for k, v in weights.items() if not k.endswith("num_batches_tracked")}

@@ -145,3 +145,71 @@ def test_cli_reports_a_damaged_checkpoint(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "ckpt-00000001.pt"), "--out", str(tmp_path / "b.pth")]) == 2
     assert "ckpt-00000001.pt is damaged or not a checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "b.pth").exists()
+
+
+@pytest.fixture(scope="module")
+def timm_vit_checkpoint(tmp_path_factory) -> Path:
+    """Two MoCo steps of ``pretrain`` with timm's test ViT (patch 16) on 32 px views."""
+    pytest.importorskip("timm")
+    tmp = tmp_path_factory.mktemp("export-timm")
+    synthesize(tmp / "scenes", num_images=8, seed=3, size=40, progress=False)
+    settings = {
+        "data.annotations": tmp / "scenes" / "train.json",
+        "data.images": tmp / "scenes" / "images",
+        "crops.size": 32,
+        "method.backbone": "timm:test_vit",
+        "method.dim": 16,
+        "method.hidden_dim": 32,
+        "method.queue_size": 16,
+        "optim.batch_size": 4,
+        "optim.max_steps": 2,
+        "train.out": tmp / "run",
+        "train.device": "cpu",
+        "train.precision": "fp32",
+        "train.workers": 0,
+        "train.threads": 1,
+        "train.tensorboard": False,
+        "train.progress": False,
+    }
+    threads = torch.get_num_threads()
+    try:
+        result = pretrain(load_config(None, [f"{k}={v}" for k, v in settings.items()]))
+    finally:
+        torch.set_num_threads(threads)
+    return Path(result.checkpoint)
+
+
+def test_timm_export_loads_into_timm_create_model(timm_vit_checkpoint, tmp_path):
+    import timm
+
+    out = tmp_path / "vit.pth"
+    assert main(["export", "--checkpoint", str(timm_vit_checkpoint), "--out", str(out)]) == 0
+    weights = torch.load(out, weights_only=True)
+    model = timm.create_model("test_vit", pretrained=False)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert sorted(missing) == ["head.bias", "head.weight"] and unexpected == []
+    trained = torch.load(timm_vit_checkpoint, weights_only=True)["model"]
+    for name, value in weights.items():
+        assert torch.equal(value, trained[f"query_encoder.backbone.model.{name}"]), name
+    sidecar = json.loads((tmp_path / "vit.pth.json").read_text())
+    assert sidecar["arch"] == "timm:test_vit" and sidecar["small_images"] is False
+    with pytest.raises(ValueError, match="timm:test_vit has no Detectron2 layout"):
+        export_detectron2(timm_vit_checkpoint, tmp_path / "vit.pkl")
+    assert not (tmp_path / "vit.pkl").exists()
+
+
+@pytest.mark.parametrize("method", ["byol", "densecl"])
+def test_timm_cnn_exports_from_every_method(tmp_path, method):
+    import timm
+
+    config = copy.deepcopy(DEFAULTS)
+    settings = {"byol": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32}}
+    config["method"] = {"name": method, "backbone": "timm:test_resnet", **settings.get(method, {"queue_size": 16})}
+    model = build_method(config)
+    state = {"model": model.state_dict(), "step": 0, "config": json.dumps(config)}
+    atomic_torch_save(state, tmp_path / "ckpt-00000000.pt")
+    weights = torch.load(export_torchvision(tmp_path / "ckpt-00000000.pt", tmp_path / "b.pth"), weights_only=True)
+    reference = timm.create_model("test_resnet", pretrained=False)
+    missing, unexpected = reference.load_state_dict(weights, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    assert all(torch.equal(v, model.backbone.model.state_dict()[k]) for k, v in weights.items())
