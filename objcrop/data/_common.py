@@ -1,8 +1,10 @@
-"""Pieces shared by the dataset readers: counted skips, box cleaning, building Records, header scans."""
+"""Pieces shared by the dataset readers: counted skips, box cleaning, size checks, building Records,
+existence checks and header scans."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 
@@ -10,10 +12,13 @@ import numpy as np
 from tqdm import tqdm
 
 from objcrop.boxes import as_boxes, sanitize
-from objcrop.data.images import ImageReadError, image_size
+from objcrop.data.images import ImageReadError, image_size, relative_image_paths
 from objcrop.data.records import Records
 
 logger = logging.getLogger("objcrop.data")
+
+# The largest image side a Records table holds (its sizes are int32).
+MAX_SIDE = int(np.iinfo(np.int32).max)
 
 
 class SkipCounter:
@@ -93,6 +98,57 @@ def _offsets(counts: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
+def size_problem(width: float, height: float) -> str | None:
+    """Why ``width x height`` is no usable image size (not finite, below 1, beyond :data:`MAX_SIDE`), or None."""
+    if not (math.isfinite(width) and math.isfinite(height)):
+        return "not finite"
+    if width < 1 or height < 1:
+        return "not positive"
+    if width > MAX_SIDE or height > MAX_SIDE:
+        return f"larger than {MAX_SIDE} pixels, the most a size can hold"
+    return None
+
+
+def _checked_sizes(values, n: int, paths: Sequence[str], source, what: str) -> np.ndarray:
+    """``values`` as int64 ``[n]``, or a ValueError naming the first image whose size is unusable."""
+    try:
+        sizes = np.asarray(values, np.float64).reshape(n)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise ValueError(f"{os.fspath(source)}: image {what}s are not numbers ({err})") from err
+    bad = ~np.isfinite(sizes) | (sizes < 1) | (sizes > MAX_SIDE)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"{os.fspath(source)}: image {paths[i]!r}: invalid {what} {sizes[i]:g}")
+    return sizes.astype(np.int64)
+
+
+def existing_images(root: str | os.PathLike, paths: Sequence[str], source: str | os.PathLike) -> np.ndarray:
+    """Which of ``root/path`` are files: missing ones are counted and logged once (with the first
+    few paths), so that a long job goes on with the rest.
+
+    Returns:
+        Bool ``[n]``, True where the image file exists.
+
+    Raises:
+        ValueError: None of them exists (a wrong ``--images`` folder), naming the folder.
+    """
+    ok = np.array([os.path.isfile(os.path.join(root, p)) for p in paths], dtype=bool)
+    missing = SkipCounter("images missing on disk (skipped)", source)
+    for i in np.flatnonzero(~ok).tolist():
+        missing.add(os.path.join(os.fspath(root), paths[i]))
+    missing.log()
+    _require_some(ok, root, paths, "exists")
+    return ok
+
+
+def _require_some(ok: np.ndarray, root, paths: Sequence[str], verb: str) -> None:
+    if len(ok) and not ok.any():
+        first = os.path.join(os.fspath(root), paths[0])
+        raise ValueError(
+            f"{os.fspath(root)}: none of the {len(ok)} images {verb} (the first is {first}); check --images"
+        )
+
+
 def build_records(
     *,
     root: str | os.PathLike,
@@ -128,8 +184,8 @@ def build_records(
         source: Annotation file or folder named in the log.
     """
     n, num_classes = len(paths), len(class_names)
-    widths = np.asarray(widths, np.int64).reshape(n)
-    heights = np.asarray(heights, np.int64).reshape(n)
+    widths = _checked_sizes(widths, n, paths, source, "width")
+    heights = _checked_sizes(heights, n, paths, source, "height")
     box_image = np.asarray(box_image, np.int64).reshape(-1)
     box_labels = np.asarray(box_labels, np.int64).reshape(-1)
     labels = np.asarray(labels, np.int64).reshape(-1)
@@ -163,6 +219,18 @@ def build_records(
     )
 
 
+def list_images(root: str | os.PathLike) -> list[str]:
+    """:func:`~objcrop.data.images.relative_image_paths`, with the names that are not valid UTF-8
+    counted and logged once (by their bytes) instead of dropped silently."""
+    undecodable: list[bytes] = []
+    keys = relative_image_paths(root, undecodable)
+    skipped = SkipCounter("file or folder names that are not valid UTF-8 (skipped)", root)
+    for name in undecodable:
+        skipped.add(repr(name))
+    skipped.log()
+    return keys
+
+
 def read_sizes(root: str | os.PathLike, keys: Sequence[str], desc: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reads ``(width, height)`` of ``root/key`` from the image headers, skipping unreadable images.
 
@@ -170,6 +238,9 @@ def read_sizes(root: str | os.PathLike, keys: Sequence[str], desc: str) -> tuple
 
     Returns:
         ``ok`` (bool ``[n]``, readable), ``widths`` and ``heights`` (int32 ``[n]``, 0 where not ok).
+
+    Raises:
+        ValueError: None of the images is readable (a wrong folder), naming the folder.
     """
     n = len(keys)
     ok = np.zeros(n, bool)
@@ -187,4 +258,5 @@ def read_sizes(root: str | os.PathLike, keys: Sequence[str], desc: str) -> tuple
             broken.add(key, reason=err.reason)
     missing.log()
     broken.log()
+    _require_some(ok, root, keys, "is readable")
     return ok, widths, heights

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import NoReturn
 
 import numpy as np
 
 from objcrop.boxes import xywh_to_xyxy
-from objcrop.data._common import build_records
+from objcrop.data._common import build_records, existing_images, size_problem
 from objcrop.data.records import Records
 
 __all__ = ["read_coco"]
@@ -81,21 +80,27 @@ def _bbox_array(box_anns: list[tuple[int, dict]], path: str) -> np.ndarray:
     raise ValueError(f"{path}: malformed 'bbox' values")
 
 
-def read_coco(annotations_json: str | os.PathLike, images_dir: str | os.PathLike) -> Records:
+def read_coco(annotations_json: str | os.PathLike, images_dir: str | os.PathLike, check_images: bool = True) -> Records:
     """Reads a COCO instances JSON.
 
     Category ids (sparse, 1..90 for COCO) become contiguous indices in sorted-id order, and
     ``class_names`` are the category names in that order. Crowd annotations (``iscrowd=1``) give no
     box but their category counts as an image-level label; image-level labels are the categories of
     all annotations of an image. Images without annotations are kept (no boxes). Boxes are clipped to
-    the image; unusable ones (NaN, empty, outside) are dropped, counted and logged once.
+    the image; unusable ones (NaN, empty, outside) are dropped, counted and logged once. Images
+    whose file is missing are skipped with their annotations, counted and logged once.
 
     Args:
         annotations_json: The instances JSON.
         images_dir: Folder that the images' ``file_name`` is relative to.
+        check_images: Skip images whose file is missing (off: read the annotations alone).
 
     Returns:
         Records with the JSON's image sizes and COCO image ids, in the JSON's image order.
+
+    Raises:
+        ValueError: A malformed entry (named by image or annotation id), an image size that is not
+            finite, below 1 or too large to store, or (``check_images``) no image file exists.
     """
     path = os.fspath(annotations_json)
     data = _load_json(path)
@@ -118,11 +123,13 @@ def read_coco(annotations_json: str | os.PathLike, images_dir: str | os.PathLike
         if iid in image_index:
             raise ValueError(f"{path}: duplicate image id {iid}")
         image_index[iid] = k
-        paths.append(_field(img, "file_name", str, path, f"image {iid}"))
-        width = _field(img, "width", float, path, f"image {iid}")
-        height = _field(img, "height", float, path, f"image {iid}")
-        if not (math.isfinite(width) and math.isfinite(height) and width >= 1 and height >= 1):
-            raise ValueError(f"{path}: image {iid}: invalid size {width}x{height}")
+        name = _field(img, "file_name", str, path, f"image {iid}")
+        paths.append(name)
+        width = _field(img, "width", float, path, f"image {iid} ({name})")
+        height = _field(img, "height", float, path, f"image {iid} ({name})")
+        problem = size_problem(width, height)
+        if problem is not None:
+            raise ValueError(f"{path}: image {iid} ({name}): invalid size {width:g}x{height:g} ({problem})")
         widths.append(int(width))
         heights.append(int(height))
 
@@ -141,17 +148,28 @@ def read_coco(annotations_json: str | os.PathLike, images_dir: str | os.PathLike
             box_labels.append(c)
             box_image.append(i)
 
+    boxes = xywh_to_xyxy(_bbox_array(box_anns, path))
+    box_image, label_image = np.asarray(box_image, np.int64), np.asarray(label_image, np.int64)
+    image_ids = np.asarray(list(image_index), np.int64)
+    if check_images:
+        ok = existing_images(images_dir, paths, source=path)
+        new_index = np.cumsum(ok) - 1
+        box_ok, label_ok = ok[box_image], ok[label_image]
+        boxes, box_labels, box_image = boxes[box_ok], np.asarray(box_labels)[box_ok], new_index[box_image[box_ok]]
+        labels, label_image = np.asarray(labels)[label_ok], new_index[label_image[label_ok]]
+        paths, image_ids = [p for p, keep in zip(paths, ok, strict=True) if keep], image_ids[ok]
+        widths, heights = np.asarray(widths)[ok], np.asarray(heights)[ok]
     return build_records(
         root=images_dir,
         paths=paths,
         widths=widths,
         heights=heights,
-        boxes=xywh_to_xyxy(_bbox_array(box_anns, path)),
+        boxes=boxes,
         box_labels=box_labels,
         box_image=box_image,
         labels=labels,
         label_image=label_image,
         class_names=[cat_names[c] for c in cat_ids],
-        image_ids=list(image_index),
+        image_ids=image_ids,
         source=path,
     )

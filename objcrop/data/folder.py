@@ -6,8 +6,7 @@ import os
 
 import numpy as np
 
-from objcrop.data._common import read_sizes
-from objcrop.data.images import relative_image_paths
+from objcrop.data._common import list_images, read_sizes
 from objcrop.data.records import Record, Records
 
 __all__ = ["read_folder"]
@@ -21,7 +20,7 @@ def read_folder(images_dir: str | os.PathLike) -> Records:
     as torchvision's ImageFolder does. When some image lies directly in ``images_dir`` there are
     no classes. Sizes come from the image headers; unreadable images are counted, logged, skipped.
     """
-    keys = relative_image_paths(images_dir)
+    keys = list_images(images_dir)
     if not keys:
         raise ValueError(f"{os.fspath(images_dir)}: no image files found")
     folders = [k.split("/", 1)[0] if "/" in k else None for k in keys]

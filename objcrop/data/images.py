@@ -179,15 +179,52 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         raise ImageReadError(path, f"{type(err).__name__}: {err}") from err
 
 
-def relative_image_paths(root: str | os.PathLike) -> list[str]:
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.walk gives undecodable bytes as surrogate escapes
+        return False
+    return True
+
+
+def relative_image_paths(root: str | os.PathLike, undecodable: list[bytes] | None = None) -> list[str]:
     """Image files under ``root`` (recursive), as sorted POSIX paths relative to ``root``; hidden
-    files and folders (names starting with ".") are skipped."""
+    files and folders (names starting with ".") are skipped.
+
+    Folder symlinks are followed once: a link to a folder inside ``root`` (a loop, or a second name
+    for a listed folder) or to a folder already listed is not entered again. Names that are not
+    valid UTF-8 cannot be image keys: they are left out, and their bytes (relative to ``root``;
+    folders end with ``/``) are appended to ``undecodable`` so that the caller can count them.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(errno.ENOENT, "image folder not found", str(root))
+    real_root = os.path.realpath(root)
+    entered = {real_root}
     found = []
     for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         rel = Path(folder).relative_to(root)
-        found.extend((rel / f).as_posix() for f in files if is_image_file(f) and not f.startswith("."))
+        keep = []
+        for d in sorted(dirs):
+            path = os.path.join(folder, d)
+            if d.startswith("."):
+                continue
+            if not _is_utf8(d):
+                if undecodable is not None:
+                    undecodable.append(os.fsencode((rel / d).as_posix()) + b"/")
+                continue
+            if os.path.islink(path):
+                real = os.path.realpath(path)
+                if real in entered or os.path.commonpath([real, real_root]) == real_root:
+                    continue
+            entered.add(os.path.realpath(path))
+            keep.append(d)
+        dirs[:] = keep
+        for f in files:
+            if not is_image_file(f) or f.startswith("."):
+                continue
+            if _is_utf8(f):
+                found.append((rel / f).as_posix())
+            elif undecodable is not None:
+                undecodable.append(os.fsencode((rel / f).as_posix()))
     return sorted(found)

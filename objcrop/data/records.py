@@ -46,6 +46,38 @@ def _offsets(counts: Sequence[int]) -> np.ndarray:
     return out
 
 
+def _encode_paths(paths: Sequence[str]) -> list[bytes]:
+    try:
+        return [p.encode("utf-8") for p in paths]
+    except UnicodeEncodeError:
+        # A file name that is not valid UTF-8 (read with surrogate escapes); readers skip such names.
+        bad = next(p for p in paths if not _is_utf8(p))
+        raise ValueError(f"image path {os.fsencode(bad)!r} is not valid UTF-8") from None
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _int32_column(values, paths: Sequence[str], what: str) -> np.ndarray:
+    """``values`` as int32 ``[len(paths)]``; a value that int32 cannot hold is an error naming the
+    image, not a silent wrap-around."""
+    info = np.iinfo(np.int32)
+    try:
+        wide = np.asarray(values, dtype=np.float64).reshape(len(paths))
+    except (TypeError, ValueError, OverflowError) as err:
+        raise ValueError(f"image {what}s are not {len(paths)} numbers: {err}") from err
+    bad = ~np.isfinite(wide) | (wide < info.min) | (wide > info.max)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"image {paths[i]!r}: {what} {wide[i]:g} does not fit int32")
+    return wide.astype(np.int32)
+
+
 class Records:
     """A dataset's images and annotations as flat numpy arrays.
 
@@ -78,12 +110,12 @@ class Records:
         image_ids=None,
     ) -> None:
         self.root = str(root)
-        encoded = [p.encode("utf-8") for p in paths]
+        encoded = _encode_paths(paths)
         self._path_blob = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
         self._path_offsets = _offsets([len(e) for e in encoded])
         n = len(encoded)
-        self.widths = np.asarray(widths, dtype=np.int32).reshape(n)
-        self.heights = np.asarray(heights, dtype=np.int32).reshape(n)
+        self.widths = _int32_column(widths, paths, "width")
+        self.heights = _int32_column(heights, paths, "height")
         self.boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         self.box_labels = np.asarray(box_labels, dtype=np.int32).reshape(-1)
         self.box_offsets = np.asarray(box_offsets, dtype=np.int64).reshape(n + 1)

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from objcrop.data._common import build_records
-from objcrop.data.images import image_size
+from objcrop.data._common import MAX_SIDE, SkipCounter, build_records, existing_images
+from objcrop.data.images import ImageReadError, image_size
 from objcrop.data.records import Records
 
 __all__ = ["VOC_CLASSES", "read_voc"]
@@ -65,8 +65,10 @@ def _parse(xml_path: Path) -> _VocFile:
     try:
         width = int(float(_text(size, "width") or 0)) if size is not None else 0
         height = int(float(_text(size, "height") or 0)) if size is not None else 0
-    except ValueError as err:
+    except (ValueError, OverflowError) as err:  # "abc", NaN; inf
         raise ValueError(f"{xml_path}: invalid <size>: {err}") from err
+    if max(width, height) > MAX_SIDE:
+        raise ValueError(f"{xml_path}: invalid <size> {width}x{height} (larger than {MAX_SIDE} pixels)")
     out = _VocFile(filename, width, height)
     for k, obj in enumerate(root.iter("object")):
         name = _text(obj, "name")
@@ -111,13 +113,15 @@ def read_voc(
     images_dir: str | os.PathLike,
     keep_difficult: bool = True,
     class_names: Sequence[str] | None = None,
+    check_images: bool = True,
 ) -> Records:
     """Reads Pascal VOC XML annotations.
 
     VOC's 1-based inclusive pixel coordinates become 0-based xyxy ``(xmin - 1, ymin - 1, xmax, ymax)``.
     Image-level labels are the classes of all objects, difficult ones included (they are in the
     image); ``keep_difficult=False`` only drops their boxes. Sizes come from ``<size>``, or from the
-    image header when the XML has none.
+    image header when the XML has none. Images whose file is missing (or, without ``<size>``,
+    unreadable) are skipped with their objects, counted and logged once.
 
     Args:
         annotations: The ``Annotations`` folder (every XML in it) or an ``ImageSets`` list file such
@@ -126,6 +130,8 @@ def read_voc(
         keep_difficult: Keep boxes of objects marked difficult.
         class_names: The class list. Default: the 20 VOC classes in their usual order when every name
             found is one of them, else the sorted names found.
+        check_images: Skip images whose file is missing (off: read the XMLs alone; then every XML
+            needs a ``<size>``).
 
     Returns:
         Records in file order; image ids are the numeric file stems when all stems are numbers.
@@ -141,12 +147,22 @@ def read_voc(
     if unknown:
         raise ValueError(f"{annotations}: classes not in class_names: {sorted(unknown)}")
 
-    paths, widths, heights = [], [], []
+    ok = existing_images(images_dir, [f.filename for f in files], annotations) if check_images else None
+    unreadable = SkipCounter("unreadable images without <size> (skipped)", annotations)
+    kept_xml, paths, widths, heights = [], [], [], []
     boxes, box_labels, box_image, labels, label_image = [], [], [], [], []
-    for i, f in enumerate(files):
+    for xml_path, f, exists in zip(xml_paths, files, ok if ok is not None else [True] * len(files), strict=True):
+        if not exists:
+            continue
         width, height = f.width, f.height
         if width < 1 or height < 1:
-            width, height = image_size(os.path.join(images_dir, f.filename))
+            try:
+                width, height = image_size(os.path.join(images_dir, f.filename))
+            except ImageReadError as err:
+                unreadable.add(f.filename, reason=err.reason)
+                continue
+        i = len(paths)
+        kept_xml.append(xml_path)
         paths.append(f.filename)
         widths.append(width)
         heights.append(height)
@@ -157,8 +173,9 @@ def read_voc(
                 boxes.append(box)
                 box_labels.append(index[name])
                 box_image.append(i)
+    unreadable.log()
 
-    numeric = bool(xml_paths) and all(p.stem.isdigit() for p in xml_paths)
+    numeric = bool(kept_xml) and all(p.stem.isdigit() for p in kept_xml)
     return build_records(
         root=images_dir,
         paths=paths,
@@ -170,6 +187,6 @@ def read_voc(
         labels=labels,
         label_image=label_image,
         class_names=class_names,
-        image_ids=[int(p.stem) for p in xml_paths] if numeric else None,
+        image_ids=[int(p.stem) for p in kept_xml] if numeric else None,
         source=annotations,
     )

@@ -10,11 +10,14 @@ import numpy as np
 import yaml
 
 from objcrop.boxes import cxcywh_norm_to_xyxy
-from objcrop.data._common import build_records, logger, read_sizes
-from objcrop.data.images import relative_image_paths
+from objcrop.data._common import build_records, list_images, logger, read_sizes
 from objcrop.data.records import Records
 
-__all__ = ["read_yolo", "read_class_names"]
+__all__ = ["MAX_UNNAMED_CLASSES", "read_yolo", "read_class_names"]
+
+# Without a class names file the classes are "0".."C-1" for the largest id C - 1 found; a larger id is
+# a typo (or "1e9") and would make every per-class table that large.
+MAX_UNNAMED_CLASSES = 10_000
 
 
 def read_class_names(path: str | os.PathLike) -> list[str]:
@@ -43,30 +46,42 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _parse_label_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Normalized ``[N, 4]`` cxcywh boxes and ``[N]`` classes; polygon lines become their bounding box."""
+def _parse_label_file(path: Path, names: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Normalized ``[N, 4]`` cxcywh boxes and ``[N]`` classes; polygon lines become their bounding box.
+
+    A class must index ``names`` (below :data:`MAX_UNNAMED_CLASSES` without names)."""
     boxes, classes = [], []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            parts = line.split()
-            if not parts:
-                continue
-            try:
-                values = [float(v) for v in parts]
-            except ValueError:
-                raise ValueError(f"{path}:{line_no}: non-numeric value in {line.strip()!r}") from None
-            cls = values[0]
-            if not cls.is_integer() or cls < 0:
-                raise ValueError(f"{path}:{line_no}: class must be a non-negative integer, got {parts[0]!r}")
-            if len(values) == 5:
-                boxes.append(values[1:])
-            elif len(values) >= 7 and len(values) % 2 == 1:  # segmentation polygon x1 y1 x2 y2 ...
-                xs, ys = values[1::2], values[2::2]
-                x1, x2, y1, y2 = min(xs), max(xs), min(ys), max(ys)
-                boxes.append([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1])
-            else:
-                raise ValueError(f"{path}:{line_no}: expected 'class cx cy w h' or a polygon, got {line.strip()!r}")
-            classes.append(int(cls))
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                parts = line.split()
+                if not parts:
+                    continue
+                try:
+                    values = [float(v) for v in parts]
+                except ValueError:
+                    raise ValueError(f"{path}:{line_no}: non-numeric value in {line.strip()!r}") from None
+                cls = values[0]
+                if not cls.is_integer() or cls < 0:
+                    raise ValueError(f"{path}:{line_no}: class must be a non-negative integer, got {parts[0]!r}")
+                if names is not None and cls >= len(names):
+                    raise ValueError(f"{path}:{line_no}: class index {int(cls)} but only {len(names)} class names")
+                if names is None and cls >= MAX_UNNAMED_CLASSES:
+                    raise ValueError(
+                        f"{path}:{line_no}: class {parts[0]!r} is beyond {MAX_UNNAMED_CLASSES - 1}, the largest id "
+                        "read without a class names file; give the names (--classes-csv data.yaml)"
+                    )
+                if len(values) == 5:
+                    boxes.append(values[1:])
+                elif len(values) >= 7 and len(values) % 2 == 1:  # segmentation polygon x1 y1 x2 y2 ...
+                    xs, ys = values[1::2], values[2::2]
+                    x1, x2, y1, y2 = min(xs), max(xs), min(ys), max(ys)
+                    boxes.append([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1])
+                else:
+                    raise ValueError(f"{path}:{line_no}: expected 'class cx cy w h' or a polygon, got {line.strip()!r}")
+                classes.append(int(cls))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason})") from None
     return np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(classes, np.int32)
 
 
@@ -85,7 +100,8 @@ def read_yolo(
         labels_dir: Folder of ``.txt`` label files.
         images_dir: Folder of images (searched recursively).
         class_names: Names as a sequence, or a file (``data.yaml`` with ``names``, or one name per
-            line). Default: ``"0"`` .. ``"C-1"`` with ``C`` the largest class index + 1.
+            line). Default: ``"0"`` .. ``"C-1"`` with ``C`` the largest class index + 1, which
+            must be below :data:`MAX_UNNAMED_CLASSES`.
 
     Returns:
         Records sorted by path; image ids are the file stems when all stems are numbers.
@@ -94,7 +110,7 @@ def read_yolo(
     if not labels_dir.is_dir():
         raise FileNotFoundError(2, "YOLO labels folder not found", str(labels_dir))
     names = read_class_names(class_names) if isinstance(class_names, (str, os.PathLike)) else class_names
-    keys = relative_image_paths(images_dir)
+    keys = list_images(images_dir)
     ok, widths, heights = read_sizes(images_dir, keys, "image sizes")
 
     parsed, used = [], set()
@@ -102,7 +118,7 @@ def read_yolo(
         label_path = labels_dir / Path(key).with_suffix(".txt")
         used.add(label_path.relative_to(labels_dir).as_posix())
         if readable and label_path.is_file():
-            parsed.append(_parse_label_file(label_path))
+            parsed.append(_parse_label_file(label_path, names))
         else:
             parsed.append((np.zeros((0, 4), np.float32), np.zeros(0, np.int32)))
     orphans = sorted(p.relative_to(labels_dir).as_posix() for p in labels_dir.rglob("*.txt"))
@@ -110,14 +126,8 @@ def read_yolo(
     if orphans:
         logger.warning("%s: %d label files have no image (%s)", labels_dir, len(orphans), ", ".join(orphans[:5]))
 
-    num_classes = max((int(c.max()) + 1 for _, c in parsed if len(c)), default=0)
-    if names is None:
-        names = [str(i) for i in range(num_classes)]
-    else:
-        for key, (_, classes) in zip(keys, parsed, strict=True):
-            if len(classes) and classes.max() >= len(names):
-                label_path = labels_dir / Path(key).with_suffix(".txt")
-                raise ValueError(f"{label_path}: class index {classes.max()} but only {len(names)} class names")
+    if names is None:  # bounded: every id is below MAX_UNNAMED_CLASSES
+        names = [str(i) for i in range(max((int(c.max()) + 1 for _, c in parsed if len(c)), default=0))]
 
     kept = np.flatnonzero(ok)
     counts = np.array([len(parsed[k][1]) for k in kept], np.int64)

@@ -1,5 +1,9 @@
+import io
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +14,7 @@ from objcrop.data.coco import read_coco
 from objcrop.data.folder import read_folder
 from objcrop.data.readers import FORMATS, load_records
 from objcrop.data.voc import VOC_CLASSES, read_voc
-from objcrop.data.yolo import read_class_names, read_yolo
+from objcrop.data.yolo import MAX_UNNAMED_CLASSES, read_class_names, read_yolo
 
 DATA = Path(__file__).resolve().parents[1].parent.parent / "shared" / "data"
 COCO128 = DATA / "coco128"
@@ -43,6 +47,8 @@ def _coco(tmp_path: Path, annotations: list, name: str = "instances.json", **ext
     }
     path = tmp_path / name
     path.write_text(json.dumps(data))
+    for image in data["images"]:  # the reader skips images missing on disk
+        _image(tmp_path / image["file_name"], 4, 4)
     return path
 
 
@@ -55,10 +61,10 @@ def test_coco_maps_sparse_category_ids_in_sorted_order_and_keeps_ids_sizes(tmp_p
         tmp_path,
         [_ann(1, 10, 7, [10, 20, 30, 40]), _ann(2, 10, 1, [0, 0, 5, 5]), _ann(3, 20, 3, [1, 2, 3, 4])],
     )
-    r = read_coco(path, tmp_path / "imgs")
+    r = read_coco(path, tmp_path)
     assert r.class_names == ("one", "three", "seven")
     assert r.keys() == ["a.jpg", "b.jpg", "sub/c.jpg"]
-    assert r.path(2) == str(tmp_path / "imgs" / "sub" / "c.jpg")
+    assert r.path(2) == str(tmp_path / "sub" / "c.jpg")
     assert r.image_ids.tolist() == [10, 20, 30]
     assert r.size(0) == (100, 80) and r.size(1) == (50, 40)
     np.testing.assert_allclose(r.boxes_of(0), [[10, 20, 40, 60], [0, 0, 5, 5]])
@@ -120,7 +126,7 @@ def test_coco_malformed_files(tmp_path):
     with pytest.raises(ValueError, match="no 'images' list"):
         read_coco(bad, tmp_path)
     bad.write_text(json.dumps({"images": [{"id": 1, "file_name": "x.jpg", "width": 0, "height": 5}], "categories": []}))
-    with pytest.raises(ValueError, match="image 1: invalid size"):
+    with pytest.raises(ValueError, match=r"image 1 \(x.jpg\): invalid size 0x5 \(not positive\)"):
         read_coco(bad, tmp_path)
     with pytest.raises(FileNotFoundError, match="missing.json"):
         read_coco(tmp_path / "missing.json", tmp_path)
@@ -163,6 +169,7 @@ def _voc(tmp_path: Path) -> Path:
     }
     for stem, text in xmls.items():
         (root / "Annotations" / f"{stem}.xml").write_text(text)
+        _image(root / "JPEGImages" / f"{stem}.jpg", 4, 4)  # the reader skips images missing on disk
     (root / "ImageSets" / "Main" / "train.txt").write_text("000003\n000001\n")
     (root / "ImageSets" / "Main" / "dog_train.txt").write_text("000001  1\n000002 -1\n")
     return root
@@ -206,6 +213,7 @@ def test_voc_bad_boxes_are_dropped_and_counted(tmp_path, caplog):
     ann.mkdir()
     objects = [("car", (50, 50, 40, 60), False), ("car", (300, 300, 400, 400), False), ("car", (5, 5, 9, 9), False)]
     (ann / "x.xml").write_text(_voc_xml("x.jpg", objects))
+    _image(tmp_path / "x.jpg", 4, 4)
     with caplog.at_level(logging.WARNING, logger="objcrop"):
         r = read_voc(ann, tmp_path)
     assert len(r.boxes) == 1
@@ -218,6 +226,7 @@ def test_voc_unknown_names_give_sorted_classes_and_missing_size_reads_header(tmp
     (ann / "img_b.xml").write_text(_voc_xml("img_b.png", [("zebra", (1, 1, 5, 5), False)], size=None))
     (ann / "img_a.xml").write_text(_voc_xml("img_a.png", [("ant", (1, 1, 5, 5), False)]))
     _image(tmp_path / "images" / "img_b.png", 33, 22)
+    _image(tmp_path / "images" / "img_a.png", 4, 4)
     r = read_voc(ann, tmp_path / "images")
     assert r.class_names == ("ant", "zebra")
     assert r.size(1) == (33, 22)
@@ -297,7 +306,7 @@ def test_yolo_class_names_from_files(tmp_path):
     yaml_map.write_text("names:\n  0: cat\n  1: dog\n  2: bird\n")
     assert read_class_names(yaml_map) == ["cat", "dog", "bird"]
     assert read_yolo(labels, images, ["a", "b", "c"]).class_names == ("a", "b", "c")
-    with pytest.raises(ValueError, match=r"1.txt: class index 2 but only 2 class names"):
+    with pytest.raises(ValueError, match=r"1.txt:3: class index 2 but only 2 class names"):
         read_yolo(labels, images, ["a", "b"])
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("nc: 3\n")
@@ -389,7 +398,7 @@ def test_empty_folder_is_an_error(tmp_path):
 
 
 def test_load_records_dispatches_every_format(tmp_path):
-    assert FORMATS == ("coco", "voc", "openimages", "yolo", "folder")
+    assert FORMATS[:5] == ("coco", "voc", "openimages", "yolo", "folder")
     coco = load_records("coco", annotations=_coco(tmp_path, []), images=tmp_path)
     assert len(coco) == 3
     root = _voc(tmp_path)
@@ -417,3 +426,158 @@ def test_load_records_dispatches_every_format(tmp_path):
 def test_load_records_names_the_missing_flag(fmt, kwargs, message):
     with pytest.raises(ValueError, match=message):
         load_records(fmt, **kwargs)
+
+
+# ---------------------------------------------------------------- robustness
+
+
+def test_coco_skips_images_missing_on_disk_with_their_annotations(tmp_path, caplog):
+    path = _coco(tmp_path, [_ann(1, 10, 7, [1, 1, 5, 5]), _ann(2, 20, 1, [2, 2, 5, 5]), _ann(3, 30, 3, [3, 3, 5, 5])])
+    (tmp_path / "b.jpg").unlink()
+    with caplog.at_level(logging.WARNING, logger="objcrop"):
+        r = read_coco(path, tmp_path)
+    assert r.keys() == ["a.jpg", "sub/c.jpg"] and r.image_ids.tolist() == [10, 30]
+    assert r.size(1) == (30, 30)
+    np.testing.assert_allclose(r.boxes_of(1), [[3, 3, 8, 8]])
+    assert [r.class_names[c] for c in r.labels_of(1)] == ["three"]
+    warnings = [rec.getMessage() for rec in caplog.records if "missing on disk" in rec.getMessage()]
+    assert len(warnings) == 1 and "1 images missing on disk" in warnings[0] and "b.jpg" in warnings[0]
+    assert len(read_coco(path, tmp_path, check_images=False)) == 3
+
+
+def test_coco_with_no_image_on_disk_is_an_error(tmp_path):
+    path = _coco(tmp_path, [])
+    with pytest.raises(ValueError, match=r"none of the 3 images exists \(the first is .*elsewhere/a.jpg\)"):
+        read_coco(path, tmp_path / "elsewhere")
+
+
+def test_voc_skips_missing_images_even_without_size(tmp_path, caplog):
+    root = _voc(tmp_path)
+    (root / "JPEGImages" / "000002.jpg").unlink()
+    (root / "Annotations" / "000003.xml").write_text(_voc_xml("000003.jpg", [], size=None))
+    (root / "JPEGImages" / "000003.jpg").write_bytes(b"not an image")  # no <size>: the header is needed
+    with caplog.at_level(logging.WARNING, logger="objcrop"):
+        r = read_voc(root / "Annotations", root / "JPEGImages")
+    assert r.keys() == ["000001.jpg"] and r.image_ids.tolist() == [1]
+    messages = " ".join(rec.getMessage() for rec in caplog.records)
+    assert "1 images missing on disk" in messages and "000002.jpg" in messages
+    assert "unreadable images without <size>" in messages and "000003.jpg" in messages
+    with pytest.raises(ValueError, match="none of the 3 images exists"):
+        read_voc(root / "Annotations", tmp_path / "nowhere")
+
+
+def test_folder_of_only_unreadable_images_is_an_error(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"")
+    (tmp_path / "b.png").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="none of the 2 images is readable"):
+        read_folder(tmp_path)
+
+
+@pytest.mark.parametrize("width", [1e12, 2**31, float("inf"), float("nan"), -3])
+def test_coco_sizes_that_do_not_fit_are_rejected_naming_the_image(tmp_path, width):
+    data = {"images": [{"id": 5, "file_name": "big.jpg", "width": width, "height": 10}], "categories": []}
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))
+    _image(tmp_path / "big.jpg", 4, 4)
+    with pytest.raises(ValueError, match=r"instances.json: image 5 \(big.jpg\): invalid size"):
+        read_coco(path, tmp_path)
+
+
+def test_voc_size_that_does_not_fit_is_rejected_naming_the_image(tmp_path):
+    (tmp_path / "x.xml").write_text(_voc_xml("x.jpg", [], size=(10**12, 10)))
+    _image(tmp_path / "x.jpg", 4, 4)
+    with pytest.raises(ValueError, match=r"x.xml: invalid <size> 1000000000000x10 \(larger than"):
+        read_voc(tmp_path, tmp_path)
+    (tmp_path / "x.xml").write_text(_voc_xml("x.jpg", [], size=("inf", 10)))
+    with pytest.raises(ValueError, match=r"x.xml: invalid <size>"):
+        read_voc(tmp_path, tmp_path)
+
+
+BOUNDED_YOLO = """
+import resource, sys
+from objcrop.data.yolo import read_yolo
+
+# Room for 1 GiB more than this process already maps: the old reader wanted ~24 GB of class names.
+with open("/proc/self/status") as f:
+    mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (mapped + (1 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
+try:
+    read_yolo(sys.argv[1], sys.argv[2])
+except ValueError as err:
+    print(f"ValueError: {err}")
+"""
+
+
+def test_yolo_huge_class_id_is_an_error_naming_file_and_line_in_bounded_memory(tmp_path):
+    labels, images = _yolo(tmp_path)
+    (labels / "2.txt").write_text("0 0.5 0.5 0.2 0.2\n1e9 0.5 0.5 0.2 0.2\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", BOUNDED_YOLO, str(labels), str(images)], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ValueError: " in done.stdout and "2.txt:2: class '1e9' is beyond 9999" in done.stdout
+
+
+def test_yolo_ids_below_the_bound_still_number_the_classes(tmp_path):
+    labels, images = _yolo(tmp_path)
+    (labels / "2.txt").write_text(f"{MAX_UNNAMED_CLASSES - 1} 0.5 0.5 0.2 0.2\n")
+    assert read_yolo(labels, images).num_classes == MAX_UNNAMED_CLASSES
+    (labels / "2.txt").write_text(f"{MAX_UNNAMED_CLASSES} 0.5 0.5 0.2 0.2\n")
+    with pytest.raises(ValueError, match=r"2.txt:1: class '10000' is beyond"):
+        read_yolo(labels, images)
+
+
+def test_yolo_label_file_that_is_not_utf8_is_named(tmp_path):
+    labels, images = _yolo(tmp_path)
+    (labels / "1.txt").write_bytes(b"0 0.5 0.5 0.2 0.2\n\xff\xfe garbage\n")
+    with pytest.raises(ValueError, match=r"1.txt: not UTF-8 text"):
+        read_yolo(labels, images)
+
+
+def _bad_name(folder: Path, name: bytes) -> bytes:
+    """Writes a small JPEG under a file name that is not valid UTF-8 (bytes paths) and returns its path."""
+    path = os.path.join(os.fsencode(folder), name)
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format="JPEG")
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+    return path
+
+
+def test_folder_skips_and_counts_names_that_are_not_utf8(tmp_path, caplog):
+    _image(tmp_path / "good.jpg", 20, 10)
+    _image(tmp_path / "sub" / "ok.png", 8, 8)
+    _bad_name(tmp_path, b"bad\xff.jpg")
+    os.mkdir(os.path.join(os.fsencode(tmp_path), b"dir\xfe"))
+    _bad_name(tmp_path, b"dir\xfe/inside.jpg")
+    with caplog.at_level(logging.WARNING, logger="objcrop"):
+        r = read_folder(tmp_path)
+    assert r.keys() == ["good.jpg", "sub/ok.png"]
+    messages = [rec.getMessage() for rec in caplog.records if "not valid UTF-8" in rec.getMessage()]
+    assert len(messages) == 1 and "2 file or folder names" in messages[0]
+    assert repr(b"bad\xff.jpg") in messages[0] and repr(b"dir\xfe/") in messages[0]
+
+
+def test_yolo_skips_image_names_that_are_not_utf8(tmp_path, caplog):
+    labels, images = _yolo(tmp_path)
+    _bad_name(images, b"4\xff.jpg")
+    with caplog.at_level(logging.WARNING, logger="objcrop"):
+        r = read_yolo(labels, images)
+    assert r.keys() == ["1.jpg", "2.png", "3.jpg"]
+    assert any(repr(b"4\xff.jpg") in rec.getMessage() for rec in caplog.records)
+
+
+def test_folder_does_not_follow_symlink_loops_or_list_a_folder_twice(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    _image(root / "a" / "1.jpg", 8, 8)
+    _image(root / "b" / "2.jpg", 8, 8)
+    _image(outside / "3.jpg", 8, 8)
+    (root / "a" / "loop").symlink_to("..", target_is_directory=True)  # root/a/loop/a/loop/... forever
+    (root / "a" / "self").symlink_to(".", target_is_directory=True)
+    (root / "a" / "to_b").symlink_to(root / "b", target_is_directory=True)  # b is listed under its own name
+    (root / "c").symlink_to(outside, target_is_directory=True)  # a folder elsewhere is followed, once
+    (root / "d").symlink_to(outside, target_is_directory=True)
+    (outside / "back").symlink_to(root, target_is_directory=True)
+    r = read_folder(root)
+    assert r.keys() == ["a/1.jpg", "b/2.jpg", "c/3.jpg"]

@@ -97,7 +97,7 @@ def test_original_json_ignores_crowd_and_maps_sparse_category_ids(tmp_path):
     }
     path = tmp_path / "instances.json"
     path.write_text(json.dumps(ann))
-    records = read_coco(path, tmp_path)
+    records = read_coco(path, tmp_path, check_images=False)  # annotations only: no image files
     dets = _as_detections(records)
     crowd_hit = Detections(
         np.array([7]), np.array([[0, 60, 200, 100]], np.float32), np.array([0.99], np.float32), np.array([0])
