@@ -345,6 +345,12 @@ def validate_config(config: dict) -> None:
     except ValueError as err:
         raise ConfigError(f"crops: {err}") from err
     _check_method(config["method"])
+    try:  # a ViT's patches must tile the views
+        from objcrop.ssl.backbones import check_view_size
+
+        check_view_size(config["method"].get("backbone", ""), config["crops"]["size"])
+    except ValueError as err:
+        raise ConfigError(f"crops.size: {err}") from err
 
 
 def _number(config: dict, dotted: str, kind: type, minimum: float, optional: bool) -> None:
