@@ -84,6 +84,10 @@ class KindRoutedHead(nn.Module):
         kinds_to_head: View kind -> head index, covering every kind in :data:`VIEW_KINDS`;
             defaults to :data:`DEFAULT_KIND_TO_HEAD` (object -> 0, context -> 1).
         evaluate_all: Routing choice; by default true exactly when the heads hold no BatchNorm.
+        identical_init: Start every head from the first head's weights. Two independently initialised
+            heads map the same feature to unrelated directions, so at the start the positive (the other
+            kind's head) looks less similar than negatives of the query's own head; starting equal makes
+            separate heads begin as one shared head and diverge only as far as training pulls them.
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class KindRoutedHead(nn.Module):
         separate: bool = True,
         kinds_to_head: Mapping[str, int] | None = None,
         evaluate_all: bool | None = None,
+        identical_init: bool = True,
     ) -> None:
         super().__init__()
         table = dict(DEFAULT_KIND_TO_HEAD if kinds_to_head is None else kinds_to_head)
@@ -103,6 +108,9 @@ class KindRoutedHead(nn.Module):
         if sorted(set(table.values())) != list(range(num_heads)):
             raise ValueError(f"head indices must be 0..n-1 without gaps, got {table}")
         self.heads = nn.ModuleList(make_head() for _ in range(num_heads))
+        if identical_init:
+            for head in self.heads[1:]:
+                head.load_state_dict(self.heads[0].state_dict())
         has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.heads.modules())
         self.evaluate_all = not has_batch_norm if evaluate_all is None else evaluate_all
         route = torch.tensor([table[kind] for kind in VIEW_KINDS], dtype=torch.long)

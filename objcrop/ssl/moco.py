@@ -29,6 +29,7 @@ from objcrop.ssl.heads import KindRoutedHead, MLPHead, ViewEncoder, views_and_ki
 from objcrop.ssl.losses import contrastive_accuracy, contrastive_logits, info_nce_from_logits
 
 __all__ = [
+    "NEGATIVES",
     "KeyQueue",
     "MoCoV2",
     "MomentumEncoders",
@@ -40,6 +41,13 @@ __all__ = [
     "split_bn_forward",
     "world_size",
 ]
+
+
+# What MoCoV2's ``negatives`` may be (see its docstring).
+NEGATIVES = ("positive-head", "all")
+
+# A logit far below any cosine / temperature: the softmax gives it no weight and no gradient.
+_MASKED = -1e4
 
 
 def world_size() -> int:
@@ -179,22 +187,28 @@ class KeyQueue(nn.Module):
     keys: torch.Tensor
     ptr: torch.Tensor
 
-    def __init__(self, size: int, dim: int) -> None:
+    def __init__(self, size: int, dim: int, track_heads: bool = False) -> None:
         super().__init__()
         if size < 1:
             raise ValueError(f"queue size must be positive, got {size}")
         self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))
         self.register_buffer("ptr", torch.zeros(1, dtype=torch.long))
+        # The head each key came from (-1: the random initial keys, which count for every head).
+        self.register_buffer("heads", torch.full((size,), -1, dtype=torch.long) if track_heads else None)
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor, gather: bool = True) -> None:
-        """Overwrites the oldest entries with ``keys`` ``[N, C]`` (from every rank when ``gather``)."""
+    def enqueue(self, keys: torch.Tensor, gather: bool = True, heads: torch.Tensor | None = None) -> None:
+        """Overwrites the oldest entries with ``keys`` ``[N, C]`` (from every rank when ``gather``),
+        and their head indices ``[N]`` when the queue tracks heads."""
         if gather:
             keys = concat_all_gather(keys)
+            heads = None if heads is None else concat_all_gather(heads)
         size = self.keys.shape[0]
         keys = keys[-size:].to(self.keys.dtype)
         slots = (self.ptr + torch.arange(keys.shape[0], device=self.ptr.device)) % size
         self.keys[slots] = keys
+        if self.heads is not None and heads is not None:
+            self.heads[slots] = heads[-size:].to(self.heads.device)
         self.ptr.copy_((self.ptr + keys.shape[0]) % size)
 
 
@@ -246,6 +260,9 @@ class MoCoV2(MomentumEncoders):
         split_bn_groups: Groups of the single-process shuffle-BN emulation (8 GPUs in the paper's
             setting); 1 turns it off. Only used with one process, a queue and BatchNorm in the key
             encoder: with in-batch negatives the positive and the negatives share statistics anyway.
+        negatives: With separate heads, ``"positive-head"`` (default) contrasts each query only with
+            negatives from its positive key's head, so the positive cannot be told apart by which head
+            made it; ``"all"`` uses every key (the plain InfoNCE). Without separate heads both are the same.
     """
 
     def __init__(
@@ -262,10 +279,13 @@ class MoCoV2(MomentumEncoders):
         symmetric: bool = False,
         small_images: bool = False,
         split_bn_groups: int = 8,
+        negatives: str = "positive-head",
     ) -> None:
         super().__init__()
         if split_bn_groups < 1:
             raise ValueError(f"split_bn_groups must be >= 1, got {split_bn_groups}")
+        if negatives not in NEGATIVES:
+            raise ValueError(f"negatives must be one of {', '.join(NEGATIVES)}, got {negatives!r}")
         trunk, feature_dim = build_backbone(backbone, small_images=small_images)
         hidden_dim = hidden_dim or feature_dim
         head = KindRoutedHead(lambda: MLPHead(feature_dim, hidden_dim, dim), separate=separate_heads)
@@ -275,31 +295,44 @@ class MoCoV2(MomentumEncoders):
         self.key_encoder = momentum_copy(self.query_encoder)
         if queue_size < 0:
             raise ValueError(f"queue_size must be >= 0, got {queue_size}")
-        self.queue = KeyQueue(queue_size, dim) if queue_size > 0 else None
+        # Masking by head only matters when there is more than one head.
+        self.mask_by_head = separate_heads and negatives == "positive-head"
+        self.queue = KeyQueue(queue_size, dim, track_heads=self.mask_by_head) if queue_size > 0 else None
         self.momentum = momentum
         self.temperature = temperature
         self.shuffle_bn = shuffle_bn
         self.split_bn_groups = int(split_bn_groups) if self.queue is not None and not sync_bn else 1
         self.symmetric = symmetric
 
-    def dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
-        """Pushes normalised keys ``[N, C]`` from every rank into the queue (no-op without a queue)."""
+    def dequeue_and_enqueue(self, keys: torch.Tensor, heads: torch.Tensor | None = None) -> None:
+        """Pushes normalised keys ``[N, C]`` (and their head indices) from every rank into the queue
+        (no-op without a queue)."""
         if self.queue is not None:
-            self.queue.enqueue(keys)
+            self.queue.enqueue(keys, heads=heads)
 
-    def _in_batch_loss(self, queries: list[torch.Tensor], keys: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """InfoNCE against the keys of the global batch: the positive of row ``i`` is key ``i``."""
+    def _key_heads(self, kinds: torch.Tensor) -> torch.Tensor:
+        return self.key_encoder.head.head_index(kinds)
+
+    def _in_batch_loss(
+        self, queries: list[torch.Tensor], keys: list[torch.Tensor], heads: list[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """InfoNCE against the keys of the global batch: the positive of row ``i`` is key ``i``. With
+        ``mask_by_head``, keys from another head than row ``i``'s positive are left out."""
         rank = dist.get_rank() if world_size() > 1 else 0
         losses, positives, negatives, hits = [], [], [], []
-        for q, k in zip(queries, keys, strict=True):
+        for q, k, h in zip(queries, keys, heads, strict=True):
             all_keys = concat_all_gather(k).float()
             logits = q.float() @ all_keys.t()
             labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
+            valid = torch.ones_like(logits, dtype=torch.bool)
+            if self.mask_by_head:
+                valid = concat_all_gather(h)[None, :] == h[:, None]
+                logits = logits.masked_fill(~valid, _MASKED)
             losses.append(F.cross_entropy(logits / self.temperature, labels))
             with torch.no_grad():
                 is_positive = F.one_hot(labels, logits.shape[1]).bool()
                 positives.append(logits[is_positive])
-                negatives.append(logits[~is_positive])
+                negatives.append(logits[~is_positive & valid])
                 hits.append((logits.argmax(dim=1) == labels).float())
         return {
             "loss": torch.stack(losses).mean(),
@@ -334,18 +367,26 @@ class MoCoV2(MomentumEncoders):
         queries = self.query_encoder([views[i] for i in query_views], kinds[:, query_views])
         queries = [F.normalize(q, dim=1) for q in queries]
         keys = self.encode_keys([views[i] for i in key_views], kinds[:, key_views])
+        heads = [self._key_heads(kinds[:, i]) for i in key_views]
         if self.queue is None:
-            return self._in_batch_loss(queries, keys)
+            return self._in_batch_loss(queries, keys, heads)
         # The clone keeps the negatives the loss saw intact for backward once new keys are enqueued.
         negatives = self.queue.keys.clone()
         logits = [contrastive_logits(q, k, negatives) for q, k in zip(queries, keys, strict=True)]
+        valid = [torch.ones_like(lg, dtype=torch.bool) for lg in logits]
+        if self.mask_by_head:
+            queued = self.queue.heads.clone()
+            for i, h in enumerate(heads):
+                same = (queued[None, :] == h[:, None]) | (queued[None, :] < 0)
+                valid[i] = torch.cat([torch.ones_like(same[:, :1]), same], dim=1)
+                logits[i] = logits[i].masked_fill(~valid[i], _MASKED)
         loss = torch.stack([info_nce_from_logits(lg, self.temperature) for lg in logits]).mean()
         if self.training:
-            self.dequeue_and_enqueue(torch.cat(keys))
-        logits_all = torch.cat(logits).detach()
+            self.dequeue_and_enqueue(torch.cat(keys), torch.cat(heads) if self.mask_by_head else None)
+        logits_all, valid_all = torch.cat(logits).detach(), torch.cat(valid)
         return {
             "loss": loss,
             "acc1": contrastive_accuracy(logits_all),
             "pos_sim": logits_all[:, 0].mean(),
-            "neg_sim": logits_all[:, 1:].mean(),
+            "neg_sim": logits_all[:, 1:][valid_all[:, 1:]].mean(),
         }

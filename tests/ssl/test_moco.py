@@ -351,3 +351,63 @@ def test_one_process_moco_with_a_queue_splits_the_key_batch_in_train_mode():
         torch.testing.assert_close(out, ref)
     with pytest.raises(ValueError, match="split_bn_groups"):
         _tiny_moco(split_bn_groups=0)
+
+
+# ------------------------------------------------------------------ separate heads
+
+
+def test_separate_heads_start_from_identical_weights_unless_asked_otherwise():
+    torch.manual_seed(0)
+    same = KindRoutedHead(lambda: MLPHead(8, 16, 4), separate=True)
+    for a, b in zip(same.heads[0].parameters(), same.heads[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    apart = KindRoutedHead(lambda: MLPHead(8, 16, 4), separate=True, identical_init=False)
+    assert not torch.equal(apart.heads[0].fc1.weight, apart.heads[1].fc1.weight)
+
+
+def _hand_in_batch_loss(model: MoCoV2, batch: dict, mask: bool) -> torch.Tensor:
+    views, kinds = views_and_kinds(batch)
+    q = nn.functional.normalize(model.query_encoder([views[0]], kinds[:, [0]])[0], dim=1)
+    k = nn.functional.normalize(model.key_encoder([views[1]], kinds[:, [1]])[0], dim=1)
+    heads = model.key_encoder.head.head_index(kinds[:, 1])
+    losses = []
+    for i in range(q.shape[0]):
+        keep = heads == heads[i] if mask else torch.ones_like(heads, dtype=torch.bool)
+        logits = (q[i] @ k[keep].t()) / model.temperature
+        target = int(keep[: i + 1].sum()) - 1  # where key i lands among the kept keys
+        losses.append(-torch.log_softmax(logits, dim=0)[target])
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("negatives", ["positive-head", "all"])
+def test_in_batch_negatives_with_separate_heads_come_from_the_positives_head(negatives):
+    torch.manual_seed(0)
+    model = _tiny_moco(queue_size=0, separate_heads=True, negatives=negatives)
+    model.train()
+    batch = _batch(0)
+    with torch.no_grad():
+        loss = model(batch)["loss"]
+        expected = _hand_in_batch_loss(model, batch, mask=negatives == "positive-head")
+        other = _hand_in_batch_loss(model, batch, mask=negatives != "positive-head")
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(loss, other, atol=1e-3)
+
+
+def test_the_queue_remembers_each_keys_head_and_masks_the_other_heads_keys():
+    torch.manual_seed(0)
+    model = _tiny_moco(separate_heads=True).train()
+    assert model.queue.heads is not None and (model.queue.heads == -1).all()
+    batch = _batch(0)
+    model(batch)
+    views, kinds = views_and_kinds(batch)
+    filled = model.queue.heads[:BATCH]
+    torch.testing.assert_close(filled, model.key_encoder.head.head_index(kinds[:, 1]))
+    assert set(filled.tolist()) == {0, 1}
+    # A query whose positive came from head 0 sees no queued key of head 1: its logits there are masked.
+    with torch.no_grad():
+        out = model(_batch(1))
+    assert torch.isfinite(out["loss"]) and -1 <= out["neg_sim"] <= 1
+    assert "queue.heads" in model.state_dict()
+    assert "queue.heads" not in _tiny_moco().state_dict()  # a shared head keeps the old checkpoint layout
+    with pytest.raises(ValueError, match="negatives"):
+        _tiny_moco(negatives="some")
