@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         print(json.dumps(config, indent=2))
         return 0
+    from objcrop.crops.dataset import NoUsableImageError
     from objcrop.ssl.checkpoint import CheckpointError
     from objcrop.ssl.trainer import NonFiniteLossError, pretrain
 
@@ -54,13 +56,20 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointError as err:
         print(f"objcrop pretrain: error: {err}", file=sys.stderr)
         return 2
+    except NoUsableImageError as err:
+        # Raised in a loader worker, the message carries the worker's traceback: its last line is the error.
+        print(f"objcrop pretrain: error: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
+        return 2
     if not result.is_main:  # under torchrun, rank 0 reports
         return 0
+    # A run that was already finished trains no step: numbers it has not measured are null (JSON has no NaN).
+    final_loss = result.final_loss if math.isfinite(result.final_loss) else None
+    img_per_s = round(result.images_per_second, 2) if math.isfinite(result.images_per_second) else None
     summary = {
         "steps": result.steps,
         "epochs": result.epochs,
-        "final_loss": result.final_loss,
-        "img_per_s": round(result.images_per_second, 2),
+        "final_loss": final_loss,
+        "img_per_s": img_per_s,
         "checkpoint": result.checkpoint,
         "skipped_images": result.skipped_images,
         "fallbacks": result.fallbacks,
@@ -69,11 +78,12 @@ def run(args: argparse.Namespace) -> int:
     if result.resumed_from and not args.json:
         print(f"resumed from {result.resumed_from}")
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(summary, allow_nan=False))
     else:
+        loss = "unknown" if final_loss is None else f"{final_loss:.4f}"
         print(
             f"trained {result.steps} steps ({result.epochs} epochs) at {result.images_per_second:.1f} img/s, "
-            f"final loss {result.final_loss:.4f}; checkpoint {result.checkpoint}; "
+            f"final loss {loss}; checkpoint {result.checkpoint}; "
             f"{result.skipped_images} unreadable images skipped, {result.fallbacks} scene fallbacks"
         )
     return 0

@@ -1,10 +1,16 @@
-"""Atomic checkpoints that keep the last k, and loading that falls back past a damaged file."""
+"""Atomic checkpoints that keep the last k, and loading that falls back past a damaged file.
+
+The folder is created and checked writable before training starts, and the temp files a killed save
+left behind (``.ckpt-<step>.pt.<random>.tmp``, the names :func:`objcrop.io.atomic_open` gives) are
+removed then: only those, and only in the checkpoint folder.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +24,9 @@ __all__ = ["CheckpointError", "Checkpointer", "atomic_torch_save", "load_checkpo
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
+# atomic_open's temp file for ckpt-<step>.pt: tempfile.mkstemp(prefix=".ckpt-<step>.pt.", suffix=".tmp"),
+# whose random part is drawn from [a-z0-9_].
+_TEMP_NAME = re.compile(r"^\.ckpt-\d{8,}\.pt\.[a-z0-9_]+\.tmp$")
 
 
 class CheckpointError(RuntimeError):
@@ -52,6 +61,36 @@ class Checkpointer:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.folder = Path(folder)
         self.keep_last = keep_last
+
+    def prepare(self) -> None:
+        """Creates the folder and checks that a file can be written in it, so that a bad ``train.out``
+        fails before the first step rather than at the first save.
+
+        Raises:
+            OSError: Naming the folder, when it cannot be created or written to.
+        """
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.folder):  # unnamed where the OS allows: nothing to clean up
+                pass
+        except OSError as err:
+            raise OSError(
+                err.errno, f"checkpoint folder {self.folder} cannot be created or written to: {err.strerror}"
+            ) from err
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Removes the temp files of saves that were killed before their rename; returns them.
+
+        Call it before training starts (no save is in flight then). Only names of objcrop's own
+        checkpoint temp files (``.ckpt-<step>.pt.<random>.tmp``) are touched.
+        """
+        if not self.folder.is_dir():
+            return []
+        stale = sorted(p for p in self.folder.iterdir() if _TEMP_NAME.match(p.name) and p.is_file())
+        for path in stale:
+            path.unlink(missing_ok=True)
+            logger.info("removed %s, the temp file of a checkpoint save that did not finish", path)
+        return stale
 
     def paths(self) -> list[Path]:
         """Checkpoint files, oldest first."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import math
 import os
 import re
@@ -32,8 +33,10 @@ import yaml
 __all__ = [
     "ConfigError",
     "DEFAULTS",
+    "RESUMABLE_KEYS",
     "apply_overrides",
     "build_policy",
+    "config_changes",
     "load_config",
     "method_class",
     "validate_config",
@@ -159,6 +162,57 @@ FLAGS = ("train.channels_last", "train.deterministic", "train.tensorboard", "tra
 
 # Keys that name files or folders which must exist before training starts.
 PATH_KEYS = ("data.annotations", "data.images", "data.labels_csv", "data.classes_csv", "train.knn_test_annotations")
+
+
+# Keys a resumed run may change; they are applied and logged (see Trainer.resume). Every other key
+# must equal the checkpoint's: data.*, crops.* and train.seed decide the sample stream, method.* the
+# model, optim.name the optimizer state and optim.batch_size the steps per epoch.
+RESUMABLE_KEYS = frozenset(
+    {
+        "optim.lr",
+        "optim.lr_reference_batch",
+        "optim.warmup_epochs",
+        "optim.final_lr_factor",
+        "optim.epochs",
+        "optim.max_steps",
+        "optim.weight_decay",
+        "optim.momentum",
+        "optim.trust_coefficient",
+        *(f"train.{key}" for key in DEFAULTS["train"] if key != "seed"),
+    }
+)
+
+# A saved value that the checkpoint's config does not hold (written by an older objcrop).
+NOT_RECORDED = "(not recorded)"
+
+
+def _flat(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted keys -> values, through a JSON round trip (as the checkpoint stores them), derived keys
+    left out, and the method's unset keyword arguments filled in with their defaults."""
+    plain = json.loads(json.dumps(config))
+    flat = {f"{section}.{key}": value for section, keys in plain.items() for key, value in keys.items()}
+    try:
+        params = inspect.signature(method_class(plain["method"]["name"]).__init__).parameters
+    except (ConfigError, KeyError):
+        params = {}
+    for name, param in params.items():
+        if name != "self" and param.default is not inspect.Parameter.empty:
+            flat.setdefault(f"method.{name}", json.loads(json.dumps(param.default, default=str)))
+    return {key: value for key, value in flat.items() if key not in DERIVED_KEYS}
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, saved value, current value)`` for every key whose value differs, sorted by key.
+
+    Derived keys (:data:`DERIVED_KEYS`) are ignored. A key the saved config lacks has the saved value
+    :data:`NOT_RECORDED`; a method argument one side leaves unset counts as its default.
+    """
+    old, new = _flat(saved), _flat(current)
+    return [
+        (key, old.get(key, NOT_RECORDED), new.get(key))
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key, NOT_RECORDED) != new.get(key)
+    ]
 
 
 def method_class(name: str):
@@ -329,7 +383,9 @@ def validate_config(config: dict) -> None:
     for dotted in PATH_KEYS:
         section, key = dotted.split(".")
         value = config[section][key]
-        if value is not None and not os.path.exists(value):
+        # A webdataset brace pattern (shards/train-{000000..000009}.tar) names no one file: its reader checks each.
+        pattern = dotted == "data.images" and config["data"]["format"] == "webdataset" and "{" in str(value)
+        if value is not None and not os.path.exists(value) and not pattern:
             raise ConfigError(f"{dotted}: file or folder not found: {value}")
     if config["data"]["images"] is None:
         raise ConfigError("data.images: required (folder of the training images)")

@@ -8,10 +8,19 @@ are module state), optimizer, scheduler, grad scaler, the RNG states of every ra
 the number of batches already consumed in that epoch. The sampler order and every sample's
 augmentation depend only on (seed, epoch, index), so a resumed run sees exactly the batches the
 uninterrupted run would have seen.
+
+Resuming checks the config against the checkpoint's: keys that would change the sample stream or the
+model are refused with a :class:`~objcrop.ssl.config.ConfigError` naming each (``key: old -> new``);
+the others are applied and logged (see :meth:`Trainer.resume`).
+
+Unusable records (undecodable files) are skipped by the dataset; the trainer collects the distinct
+ones it met, reports how many, keeps them in its checkpoints and hands them to the dataset each epoch
+so that they are not read again.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import inspect
 import json
@@ -28,11 +37,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 from tqdm import tqdm
 
 from objcrop.ssl.checkpoint import Checkpointer
-from objcrop.ssl.config import build_policy, method_class
+from objcrop.ssl.config import (
+    NOT_RECORDED,
+    RESUMABLE_KEYS,
+    ConfigError,
+    build_policy,
+    config_changes,
+    method_class,
+)
 from objcrop.ssl.distributed import DistEnv, all_reduce_flag, all_reduce_mean, init_distributed
 from objcrop.ssl.lars import LARS
 from objcrop.ssl.schedules import warmup_cosine_lambda
@@ -125,6 +141,17 @@ def build_dataset(config: dict, records=None):
     from objcrop.proposals import open_proposals
 
     data, crops = config["data"], config["crops"]
+    policy = build_policy(crops)
+    size = int(crops["size"])
+    transform = byol_view_transforms(size) if crops["augment"] == "byol" else moco_v2_view_transform(size)
+    if data["format"] == "webdataset" and records is None:  # tar shards are streamed: objcrop.crops.streaming
+        from objcrop.crops.streaming import StreamingObjectAwareDataset
+
+        options = {k: data[k] for k in ("annotations", "labels_csv", "classes_csv")}
+        seed = config["train"]["seed"]
+        return StreamingObjectAwareDataset.from_shards(
+            data["images"], str(data["proposals"]), policy, transform=transform, size=size, seed=seed, **options
+        )
     if records is None:
         records = load_records(
             data["format"],
@@ -134,9 +161,6 @@ def build_dataset(config: dict, records=None):
             classes_csv=data["classes_csv"],
         )
     store = open_proposals(str(data["proposals"]), records)
-    policy = build_policy(crops)
-    size = int(crops["size"])
-    transform = byol_view_transforms(size) if crops["augment"] == "byol" else moco_v2_view_transform(size)
     return ObjectAwareDataset(records, store, policy, transform=transform, size=size, seed=config["train"]["seed"])
 
 
@@ -145,7 +169,7 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "views": [torch.stack([s["views"][v] for s in samples]) for v in range(2)],
         "kinds": torch.stack([s["kinds"] for s in samples]),
         "index": torch.tensor([s["index"] for s in samples]),
-        "replaced": sum(int(s["replaced"]) for s in samples),
+        "replaced": torch.tensor([int(s["replaced"]) for s in samples]),
         "fallback": sum(int(s.get("fallback", False)) for s in samples),
     }
 
@@ -189,7 +213,8 @@ class Trainer:
     """Runs the pretraining a validated config describes (see :mod:`objcrop.ssl.config`)."""
 
     def __init__(self, config: dict, env: DistEnv | None = None, dataset=None) -> None:
-        self.config = config
+        self.config = copy.deepcopy(config)  # derived values are recorded in it: leave the caller's alone
+        config = self.config
         tcfg, ocfg = config["train"], config["optim"]
         self.env = env or init_distributed(tcfg["device"])
         if tcfg["threads"]:
@@ -205,7 +230,11 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
 
         self.out = Path(tcfg["out"])
+        self.checkpointer = Checkpointer(self.out / "checkpoints", keep_last=int(tcfg["keep_last"]))
+        if self.env.is_main:
+            self._prepare_output()  # before the data is read: a bad train.out must not cost a run
         self.dataset = dataset if dataset is not None else build_dataset(config)
+        self._record_object_scale()
         world_batch = int(ocfg["batch_size"])
         if world_batch % self.env.world_size:
             raise ValueError(f"optim.batch_size {world_batch} is not divisible by {self.env.world_size} processes")
@@ -251,13 +280,60 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.dtype == torch.float16)
         self.sampler = EpochSampler(len(self.dataset), self.env.rank, self.env.world_size, seed=int(tcfg["seed"]))
-        self.checkpointer = Checkpointer(self.out / "checkpoints", keep_last=int(tcfg["keep_last"]))
         self.step = 0
         self.epoch = 0
         self.batches_done_in_epoch = 0
-        self.skipped = 0
+        self.unusable: set[int] = set()  # distinct records this rank found unusable (all ranks' after a resume)
         self.fallbacks = 0
+        self.last_loss = float("nan")
         self.knn_monitor = self._build_knn_monitor() if self.env.is_main else None
+
+    def _prepare_output(self) -> None:
+        """Creates ``train.out`` and its checkpoint folder and checks both can be written to.
+
+        Raises:
+            ConfigError: Naming the folder that cannot be created or written to.
+        """
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"train.out: cannot create the output folder {self.out}: {err.strerror or err}") from err
+        try:
+            self.checkpointer.prepare()
+        except OSError as err:
+            raise ConfigError(f"train.out: {err.strerror or err}") from err
+
+    def _record_object_scale(self) -> None:
+        """Logs the object crops' area range the dataset resolved (the paper's S_min from the proposals)
+        and records it in the config saved with every checkpoint as ``crops.object_scale_resolved``."""
+        policy = getattr(self.dataset, "policy", None)
+        if policy is None or not hasattr(policy, "describe_object_scale"):
+            return
+        if self.env.is_main:
+            logger.info(policy.describe_object_scale())
+        resolved = getattr(policy, "resolved_object_scale", None)
+        if resolved is None and hasattr(policy, "object_scale_range"):
+            resolved = policy.object_scale_range()
+        self.config["crops"]["object_scale_resolved"] = list(resolved) if isinstance(resolved, tuple) else resolved
+
+    @property
+    def skipped(self) -> int:
+        """How many distinct unusable records this rank met (all ranks' once a checkpoint was written)."""
+        return len(self.unusable)
+
+    def _note_unusable(self, batch: dict[str, Any]) -> None:
+        """Adds the records the batch's samples skipped: the ``replaced`` ones just before each ``index``."""
+        n = len(self.dataset)
+        for index, replaced in zip(batch["index"].tolist(), batch["replaced"].tolist(), strict=True):
+            self.unusable.update((index - k) % n for k in range(1, replaced + 1))
+
+    def _all_unusable(self) -> set[int]:
+        """The union over the ranks of the unusable records (collective under DDP)."""
+        if not self.env.distributed:
+            return set(self.unusable)
+        gathered: list[Any] = [None] * self.env.world_size
+        dist.all_gather_object(gathered, sorted(self.unusable))
+        return set().union(*map(set, gathered))
 
     def _wrap_ddp(self, model: torch.nn.Module) -> torch.nn.Module:
         # Every rank starts from rank 0's buffers too (the random initial queue above all), which
@@ -282,6 +358,7 @@ class Trainer:
             dist.all_gather_object(gathered, rng)
         else:
             gathered = [rng]
+        self.unusable = self._all_unusable()
         return {
             "model": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -293,8 +370,11 @@ class Trainer:
             "batches_done_in_epoch": self.batches_done_in_epoch,
             "world_size": self.env.world_size,
             "skipped": self.skipped,
+            "unusable": torch.tensor(sorted(self.unusable), dtype=torch.int64),
             "fallbacks": self.fallbacks,
-            "config": json.dumps(self.config),
+            "loss": self.last_loss,
+            "num_records": len(self.dataset),
+            "config": json.dumps(self.config, allow_nan=False),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -306,13 +386,15 @@ class Trainer:
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved by a disabled scaler (the precision may have changed since)
+            self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"][self.env.rank])
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
         self.batches_done_in_epoch = int(state["batches_done_in_epoch"])
-        self.skipped = int(state["skipped"])
+        self.unusable = set(state["unusable"].tolist()) if "unusable" in state else set()
         self.fallbacks = int(state["fallbacks"])
+        self.last_loss = float(state.get("loss", float("nan")))
 
     def save_checkpoint(self) -> Path | None:
         """Writes a checkpoint (rank 0) unless a weight or buffer went NaN/inf; collective under DDP.
@@ -335,22 +417,96 @@ class Trainer:
         return self.checkpointer.save(state, self.step)
 
     def resume(self) -> Path | None:
+        """Loads the newest checkpoint that loads, after comparing its config with this run's.
+
+        Keys outside :data:`~objcrop.ssl.config.RESUMABLE_KEYS` (the data, crops and method, optim.name,
+        optim.batch_size, train.seed) and a different number of records are refused. The resumable ones
+        are applied and logged: ``optim.lr`` and ``optim.lr_reference_batch`` by rebuilding the
+        scheduler's ``base_lrs``; the schedule's shape (warmup, final factor, epochs, max_steps) by the
+        schedule built from this config, whose current rate replaces the checkpoint's; momentum, weight
+        decay and the LARS trust coefficient in the optimizer's parameter groups; train.* as they are.
+
+        Raises:
+            ConfigError: Listing every refused key as ``key: old -> new``.
+            CheckpointError: Checkpoints exist but none of them loads.
+        """
         found = self.checkpointer.load_latest(map_location=self.env.device)
         if found is None:
             return None
         state, path = found
+        changes = self._check_resumable(state, path)
         self.load_state_dict(state)
+        if changes:
+            self._apply_changes(changes)
         if self.env.is_main:
             logger.info("resumed from %s (step %d, epoch %d)", path, self.step, self.epoch)
         return path
 
+    def _check_resumable(self, state: dict[str, Any], path: Path) -> list[tuple[str, Any, Any]]:
+        """The resumable changes between the checkpoint's config and this run's; raises on the others."""
+        if "config" not in state:
+            logger.warning("%s records no config: cannot check this run's config against it", path)
+            return []
+        changes = config_changes(json.loads(state["config"]), self.config)
+        refused = [c for c in changes if c[0] not in RESUMABLE_KEYS and c[1] != NOT_RECORDED]
+        lines = [f"{key}: {_show(old)} -> {_show(new)}" for key, old, new in refused]
+        if "num_records" in state and int(state["num_records"]) != len(self.dataset):
+            lines.append(f"data: {int(state['num_records'])} records -> {len(self.dataset)} records")
+        if lines:
+            raise ConfigError(
+                f"cannot resume {path}: these settings differ from the checkpoint's and would change the sample "
+                f"stream or the model: {'; '.join(lines)}. Set them back, or start over with --no-resume "
+                "(the existing checkpoints are then moved aside, not deleted)"
+            )
+        unrecorded = [key for key, old, _ in changes if old == NOT_RECORDED and key not in RESUMABLE_KEYS]
+        if unrecorded and self.env.is_main:
+            logger.warning("%s does not record %s (an older objcrop wrote it): assumed unchanged", path, unrecorded)
+        return [c for c in changes if c[0] in RESUMABLE_KEYS]
+
+    def _apply_changes(self, changes: list[tuple[str, Any, Any]]) -> None:
+        """Applies the resumable config changes to the state just loaded (see :meth:`resume`)."""
+        keys = {key for key, _, _ in changes}
+        ocfg = self.config["optim"]
+        for name in ("momentum", "weight_decay", "trust_coefficient"):
+            if f"optim.{name}" in keys:
+                for group in self.optimizer.param_groups:
+                    if name in group:
+                        group[name] = ocfg[name]
+        notes = []
+        if keys & {"optim.lr", "optim.lr_reference_batch"}:
+            base = float(ocfg["lr"]) * int(ocfg["batch_size"]) / float(ocfg["lr_reference_batch"])
+            old = self.scheduler.base_lrs[0]
+            self.scheduler.base_lrs = [base] * len(self.optimizer.param_groups)
+            for group in self.optimizer.param_groups:
+                group["initial_lr"] = base
+            notes.append(f"scheduler base_lrs rebuilt: {old:.6g} -> {base:.6g}")
+        schedule = {"optim.lr", "optim.lr_reference_batch", "optim.warmup_epochs", "optim.final_lr_factor"}
+        if keys & (schedule | {"optim.epochs", "optim.max_steps"}):
+            # The checkpoint's current rate came from the old schedule: take this step's from the new one.
+            factors = [fn(self.scheduler.last_epoch) for fn in self.scheduler.lr_lambdas]
+            for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, factors, strict=True):
+                group["lr"] = base * factor
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+            notes.append(f"{self.total_steps} steps in all, lr now {self.optimizer.param_groups[0]['lr']:.6g}")
+        if self.env.is_main:
+            applied = "; ".join(f"{key}: {_show(old)} -> {_show(new)}" for key, old, new in changes)
+            # Optimization changes alter the run's results: say so louder than a new log interval.
+            level = logging.WARNING if any(key.startswith("optim.") for key in keys) else logging.INFO
+            logger.log(
+                level, "resuming with changed settings, applied: %s%s", applied, f" ({'; '.join(notes)})" * bool(notes)
+            )
+
     # -- loop ----------------------------------------------------------------------------------
     def _loader(self) -> DataLoader:
         workers = int(self.config["train"]["workers"])
+        streaming = isinstance(self.dataset, IterableDataset)
+        if streaming:  # shards are streamed: the dataset deals them to ranks and workers and cuts the epoch itself
+            start, rank, world = self.batches_done_in_epoch, self.env.rank, self.env.world_size
+            self.dataset.plan(self.steps_per_epoch, start, self.batch_per_rank, workers, rank, world)
         return DataLoader(
             self.dataset,
             batch_size=self.batch_per_rank,
-            sampler=self.sampler,
+            sampler=None if streaming else self.sampler,
             num_workers=workers,
             collate_fn=_collate,
             pin_memory=self.env.device.type == "cuda",
@@ -429,9 +585,12 @@ class Trainer:
             NonFiniteLossError: The loss or the weights became NaN/inf; no checkpoint of that state is written.
             CheckpointError: Checkpoints exist but none of them loads.
         """
+        if self.env.is_main:
+            self.checkpointer.remove_stale_temp_files()  # of saves killed before their rename
         resumed_from = self.resume() if resume else None
         if not resume and self.env.is_main and (moved := self.checkpointer.set_aside()) is not None:
             logger.warning("not resuming: moved the existing checkpoints of %s to %s", self.out, moved)
+            self._prepare_output()
         if self.env.distributed:
             dist.barrier()  # nobody writes before rank 0 has moved the old checkpoints
         logs = _Logs(self.out, self.env.is_main, self.config["train"]["tensorboard"], resume_step=self.step)
@@ -444,7 +603,6 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
-        last_loss = float("nan")
         images = 0
         t0 = time.perf_counter()
         try:
@@ -452,18 +610,21 @@ class Trainer:
                 self.sampler.set_epoch(self.epoch, start=self.batches_done_in_epoch * self.batch_per_rank)
                 if hasattr(self.dataset, "set_epoch"):
                     self.dataset.set_epoch(self.epoch)
+                if hasattr(self.dataset, "known_bad"):  # the loader's workers get them with the dataset
+                    self.dataset.known_bad.update(self.unusable)
+                unusable_before = self.skipped
                 for batch in self._loader():
                     stats = self.train_step(batch)
                     self.step += 1
                     self.batches_done_in_epoch += 1
-                    self.skipped += batch["replaced"]
+                    self._note_unusable(batch)
                     self.fallbacks += batch["fallback"]
                     images += self.batch_per_rank * self.env.world_size
-                    last_loss = stats["loss"]
+                    self.last_loss = stats["loss"]
                     rate = images / max(time.perf_counter() - t0, 1e-9)
                     stats.update({"img_per_s": rate, "epoch": self.epoch})
                     progress.update(1)
-                    progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{stats['lr']:.3g}", img_s=f"{rate:.1f}")
+                    progress.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{stats['lr']:.3g}", img_s=f"{rate:.1f}")
                     if self.step % log_every == 0 or self.step == self.total_steps:
                         logs.write(self.step, stats)
                     done = self.step >= self.total_steps
@@ -476,6 +637,11 @@ class Trainer:
                         self.save_checkpoint()
                     if done:
                         break
+                if self.skipped > unusable_before:
+                    logger.warning(
+                        "rank %d: %d unusable records skipped so far (%d new this epoch)",
+                        self.env.rank, self.skipped, self.skipped - unusable_before,
+                    )  # fmt: skip
         finally:
             progress.close()
             logs.close()
@@ -483,14 +649,19 @@ class Trainer:
         if self.env.distributed:
             dist.barrier()
         final = self.checkpointer.paths()
+        skipped = len(self._all_unusable())
+        if skipped and self.env.is_main:
+            logger.warning(
+                "%d unusable records were skipped in all (see the warnings of objcrop.crops.dataset)", skipped
+            )
         result = TrainResult(
             steps=self.step,
             epochs=self.epoch,
-            final_loss=last_loss,
+            final_loss=self.last_loss,
             images_per_second=images / elapsed if elapsed > 0 else 0.0,
             out_dir=str(self.out),
             checkpoint=str(final[-1]) if final else "",
-            skipped_images=self.skipped,
+            skipped_images=skipped,
             fallbacks=self.fallbacks,
             resumed_from=str(resumed_from or ""),
             is_main=self.env.is_main,
@@ -566,6 +737,11 @@ class _Logs:
         if rows:
             steps = [int(r["step"]) for r in rows]
             plot_curves({"loss": (steps, [float(r["loss"]) for r in rows])}, png, xlabel="step", ylabel="loss")
+
+
+def _show(value: Any) -> str:
+    """A config value as it would be written in YAML/JSON (``null``, ``[0.2, 1.0]``, ``"gt"``)."""
+    return value if value == NOT_RECORDED else json.dumps(value)
 
 
 def _rewrite_csv(path: Path, rows: list[dict], fields: list[str] | None) -> None:

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, keep-last-k, weights-only loading, falling back past damaged files."""
+"""Checkpoints: atomic writes, keep-last-k, weights-only loading, falling back past damaged files,
+the folder checked up front and the temp files of killed saves removed."""
 
 import json
 import logging
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from objcrop.data.synth import synthesize
+from objcrop.io import atomic_open
 from objcrop.ssl.checkpoint import Checkpointer, CheckpointError, atomic_torch_save, load_checkpoint
 from objcrop.ssl.config import load_config
 from objcrop.ssl.trainer import pretrain
@@ -125,3 +127,28 @@ def test_training_resumes_from_the_previous_checkpoint_when_the_newest_is_trunca
     assert Path(result.resumed_from).name == "ckpt-00000002.pt" and result.steps == 4
     redone, reference = load_checkpoint(newest)["model"], load_checkpoint(tmp_path / "uninterrupted.pt")["model"]
     assert all(torch.equal(redone[k], reference[k]) for k in reference)
+
+
+def test_stale_temp_files_of_killed_saves_are_removed_and_only_those(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep_last=2)
+    ckpt.save(state(1), 1)
+    killed = atomic_open(tmp_path / "ckpt-00000002.pt", "wb", fsync=True)  # a save killed before its rename
+    killed.__enter__().write(b"partial")
+    (stale,) = tmp_path.glob(".ckpt-00000002.pt.*.tmp")
+    keep = [".ckpt-00000002.pt.tmp", "ckpt-00000003.pt.abc.tmp", ".ckpt-2.pt.abc.tmp", ".log.csv.abcd_123.tmp", "x.tmp"]
+    for name in keep:
+        (tmp_path / name).write_bytes(b"not objcrop's checkpoint temp file")
+    (tmp_path / ".ckpt-00000005.pt.abcdefgh.tmp").mkdir()  # a folder is never removed
+    assert ckpt.remove_stale_temp_files() == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*keep, "ckpt-00000001.pt", ".ckpt-00000005.pt.abcdefgh.tmp"]
+    )
+    assert Checkpointer(tmp_path / "absent").remove_stale_temp_files() == []
+
+
+def test_prepare_creates_the_folder_or_names_it(tmp_path):
+    Checkpointer(tmp_path / "a" / "checkpoints").prepare()
+    assert (tmp_path / "a" / "checkpoints").is_dir() and not list((tmp_path / "a" / "checkpoints").iterdir())
+    (tmp_path / "file").write_text("", encoding="utf-8")
+    with pytest.raises(OSError, match=r"checkpoint folder .*file/checkpoints cannot be created or written to"):
+        Checkpointer(tmp_path / "file" / "checkpoints").prepare()

@@ -1,12 +1,15 @@
 """The pretraining loop: every method end to end on CPU, exact resumption (also after ``kill -9``),
-non-finite losses, and the DataLoader leaving the global RNG alone."""
+non-finite losses, the DataLoader leaving the global RNG alone, runs of unusable records, output
+folders checked before step 1, stale temp files, resuming with a changed config, and ``--json``."""
 
 import csv
 import json
+import logging
 import math
 import os
 import re
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +20,9 @@ import pytest
 import torch
 import yaml
 
+from objcrop.cli import main
 from objcrop.data.synth import synthesize
+from objcrop.io import atomic_open
 from objcrop.ssl.checkpoint import load_checkpoint
 from objcrop.ssl.config import ConfigError, load_config
 from objcrop.ssl.moco import MoCoV2
@@ -293,3 +298,204 @@ def test_knn_monitor_logs_test_map_every_epoch(scenes, tmp_path):
 def test_knn_monitor_needs_a_test_split(scenes, tmp_path):
     with pytest.raises(ConfigError, match="train.knn_test_annotations"):
         tiny_config(scenes, tmp_path, **{"train.knn_every_epochs": 1})
+
+
+# ------------------------------------------------------------- unusable records (a bad JPEG must not stop epoch 37)
+
+
+@pytest.fixture(scope="module")
+def scenes_with_30_bad(scenes, tmp_path_factory) -> tuple[Path, list[int]]:
+    """The scenes with 30 training records in a row (10..39) replaced by corrupt JPEGs; their indices."""
+    from objcrop.data.readers import load_records
+
+    root = tmp_path_factory.mktemp("bad_scenes")
+    shutil.copytree(scenes / "images", root / "images")
+    shutil.copy(scenes / "train.json", root / "train.json")
+    records = load_records("coco", annotations=str(root / "train.json"), images=str(root / "images"))
+    bad = list(range(10, 40))
+    for i in bad:
+        Path(records.path(i)).write_bytes(b"\xff\xd8\xff\xe0 a truncated JPEG")
+    return root, bad
+
+
+def dataset_reads_of_bad_files(caplog) -> int:
+    return sum(r.name == "objcrop.crops.dataset" and r.getMessage().startswith("skipping") for r in caplog.records)
+
+
+def test_thirty_corrupt_jpegs_in_a_row_train_to_the_end_and_are_counted_once(scenes_with_30_bad, tmp_path, caplog):
+    """The old dataset gave up after 10 bad records in a row with a RuntimeError. Epoch 1 runs in a resumed
+    process: the checkpoint hands it the known-bad records, so none is read again."""
+    root, bad = scenes_with_30_bad
+    with caplog.at_level(logging.WARNING):
+        first = pretrain(tiny_config(root, tmp_path, **{"optim.max_steps": 6}))  # epoch 0
+    assert first.steps == 6 and first.skipped_images == 30
+    assert dataset_reads_of_bad_files(caplog) == 30
+    assert sorted(load_checkpoint(first.checkpoint)["unusable"].tolist()) == bad
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        result = pretrain(tiny_config(root, tmp_path, **{"optim.max_steps": 12}))  # epoch 1, resumed
+    assert result.resumed_from and result.steps == 12 and result.epochs == 2
+    assert result.skipped_images == 30
+    assert dataset_reads_of_bad_files(caplog) == 0
+    assert "30 unusable records were skipped in all" in caplog.text
+
+
+# ------------------------------------------------------------------ output folders, stale temp files
+
+
+def test_an_output_folder_that_cannot_be_created_fails_before_the_data_is_read(scenes, tmp_path, monkeypatch):
+    """The checkpoint folder used to be made at the first save: every step before it was lost."""
+    (tmp_path / "checkpoints").write_text("a file where the checkpoint folder goes", encoding="utf-8")
+    import objcrop.ssl.trainer as trainer_module
+
+    def no_dataset(*args, **kwargs):
+        raise AssertionError("the dataset was built before the output folder was checked")
+
+    monkeypatch.setattr(trainer_module, "build_dataset", no_dataset)
+    with pytest.raises(ConfigError, match=rf"train.out: .*{re.escape(str(tmp_path / 'checkpoints'))}"):
+        pretrain(tiny_config(scenes, tmp_path))
+    assert not (tmp_path / "log.csv").exists()
+
+
+def test_cli_exit_code_2_names_an_uncreatable_output_folder(scenes, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("", encoding="utf-8")
+    cfg = write_yaml(tiny_settings(scenes, blocker / "run"), tmp_path / "config.yaml")
+    assert main(["pretrain", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert str(blocker / "run") in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_output_folder_fails_before_step_1(scenes, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints").chmod(0o555)
+    try:
+        with pytest.raises(ConfigError, match="cannot be created or written to"):
+            pretrain(tiny_config(scenes, tmp_path))
+    finally:
+        (tmp_path / "checkpoints").chmod(0o755)
+
+
+def test_stale_checkpoint_temp_files_are_removed_on_start_and_nothing_else(scenes, tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    killed_save = atomic_open(folder / "ckpt-00000004.pt", "wb")  # entered, never finished: as after kill -9
+    killed_save.__enter__().write(b"half a checkpoint")
+    (stale,) = folder.glob(".ckpt-*.tmp")
+    others = ["notes.txt", "ckpt-00000004.pt.tmp", ".ckpt-4.pt.x.tmp", ".model.pt.abc.tmp", ".ckpt-00000004.pt.tmp"]
+    for name in others:
+        (folder / name).write_text("the user's", encoding="utf-8")
+    (tmp_path / ".ckpt-00000001.pt.abcd1234.tmp").write_text("outside the checkpoint folder", encoding="utf-8")
+    pretrain(tiny_config(scenes, tmp_path, **{"optim.max_steps": 1}))
+    assert not stale.exists()
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*others, "ckpt-00000001.pt"])
+    assert (tmp_path / ".ckpt-00000001.pt.abcd1234.tmp").exists()
+
+
+# ------------------------------------------------------------------ resuming with a changed config
+
+
+@pytest.fixture(scope="module")
+def two_step_run(scenes, tmp_path_factory) -> Path:
+    """A finished 2-step run to resume from (copied by each test that changes it)."""
+    out = tmp_path_factory.mktemp("two_steps")
+    pretrain(tiny_config(scenes, out, **{"optim.max_steps": 2}))
+    return out
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_resume_refuses_changes_that_alter_the_samples_or_the_model_naming_each_key(scenes, tmp_path, two_step_run):
+    out = copy_run(two_step_run, tmp_path)
+    changed = {
+        "optim.max_steps": 4,
+        "data.annotations": str(scenes / "test.json"),
+        "crops.delta": 0.2,
+        "method.dim": 32,  # used to fail with a traceback in load_state_dict
+        "optim.batch_size": 4,
+        "train.seed": 1,
+    }
+    with pytest.raises(ConfigError) as err:
+        pretrain(tiny_config(scenes, out, **changed))
+    message = str(err.value)
+    for line in (
+        f'data.annotations: "{scenes / "train.json"}" -> "{scenes / "test.json"}"',
+        "crops.delta: 0.1 -> 0.2",
+        "method.dim: 16 -> 32",
+        "optim.batch_size: 8 -> 4",
+        "train.seed: 0 -> 1",
+        "records -> ",
+        "--no-resume",
+    ):
+        assert line in message, message
+    assert "max_steps" not in message
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["ckpt-00000002.pt"]
+
+
+def test_resume_applies_a_changed_learning_rate(scenes, tmp_path, reference_run, monkeypatch, caplog):
+    """--set optim.lr used to be ignored: the scheduler restored the checkpoint's base_lrs."""
+    settings = {"optim.max_steps": 8, "train.checkpoint_every_steps": 2}
+    step = Trainer.train_step
+
+    def interrupt_at_step_3(self, batch):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupt_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny_config(scenes, tmp_path, **settings))
+    monkeypatch.undo()
+    with caplog.at_level(logging.INFO, logger="objcrop.ssl.trainer"):
+        result = pretrain(tiny_config(scenes, tmp_path, **settings, **{"optim.lr": 0.3}))
+    assert result.steps == 8
+    assert "optim.lr: 0.03 -> 0.3" in caplog.text and "base_lrs rebuilt: 0.03 -> 0.3" in caplog.text
+    resumed, reference = log_rows(tmp_path), log_rows(reference_run)
+    assert [r["lr"] for r in resumed[:2]] == [r["lr"] for r in reference[:2]]
+    for new, old in zip(resumed[2:], reference[2:], strict=True):  # the same schedule, ten times higher
+        assert float(new["lr"]) == pytest.approx(10 * float(old["lr"]), rel=1e-5)
+
+
+def test_resume_applies_safe_changes_and_extends_a_finished_run(scenes, tmp_path, two_step_run, caplog):
+    out = copy_run(two_step_run, tmp_path)
+    changed = {"optim.max_steps": 4, "train.log_every_steps": 2, "train.keep_last": 1, "train.workers": 1}
+    with caplog.at_level(logging.INFO, logger="objcrop.ssl.trainer"):
+        result = pretrain(tiny_config(scenes, out, **changed))
+    assert result.steps == 4
+    for line in ("optim.max_steps: 2 -> 4", "train.log_every_steps: 1 -> 2", "train.keep_last: 3 -> 1"):
+        assert line in caplog.text
+    assert [r["step"] for r in log_rows(out)] == ["1", "2", "4"]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["ckpt-00000004.pt"]
+    # The derived object scale is recorded, and ignored when comparing.
+    saved = json.loads(load_checkpoint(out / "checkpoints" / "ckpt-00000004.pt")["config"])
+    assert "object_scale_resolved" in saved["crops"]
+
+
+# ------------------------------------------------------------------ pretrain --json
+
+
+def strict_json(text: str):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_pretrain_json_is_valid_for_an_already_finished_run(scenes, tmp_path, capsys):
+    cfg = write_yaml(tiny_settings(scenes, tmp_path / "run", **{"optim.max_steps": 2}), tmp_path / "config.yaml")
+    assert main(["pretrain", "--config", str(cfg), "--json"]) == 0
+    first = strict_json(capsys.readouterr().out)
+    assert main(["pretrain", "--config", str(cfg), "--json"]) == 0  # nothing left to train
+    again = strict_json(capsys.readouterr().out)
+    assert again["steps"] == 2 and again["final_loss"] == pytest.approx(first["final_loss"])
+    # A checkpoint that does not record the loss (an older objcrop's) gives null, not NaN.
+    path = tmp_path / "run" / "checkpoints" / "ckpt-00000002.pt"
+    state = load_checkpoint(path)
+    del state["loss"]
+    torch.save(state, path)
+    assert main(["pretrain", "--config", str(cfg), "--json"]) == 0
+    assert strict_json(capsys.readouterr().out)["final_loss"] is None
