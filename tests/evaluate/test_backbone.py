@@ -79,3 +79,60 @@ def test_missing_and_foreign_files_raise_naming_the_file(tmp_path):
         load_backbone(tensor, arch="resnet18")
     with pytest.raises(ValueError, match="unknown backbone"):
         load_backbone("random:resnet7")
+
+
+def test_timm_state_dict_with_or_without_head_loads_by_sidecar_or_arch(tmp_path):
+    timm = pytest.importorskip("timm")
+    from objcrop.ssl.backbones import trunk_weights
+
+    a, dim = load_backbone("random:timm:test_vit", seed=3)
+    b, _ = load_backbone("random:timm:test_vit", seed=3)
+    assert dim == 64 and not a.training and _same_outputs(a, b)
+
+    path = tmp_path / "vit.pth"
+    torch.save(trunk_weights(a), path)
+    write_arch_sidecar(path, "timm:test_vit", False)
+    net, _ = load_backbone(path)
+    assert _same_outputs(net, a) and backbone_info(path).arch == "timm:test_vit"
+
+    full = timm.create_model("test_resnet", pretrained=False)  # timm's own file, classifier included
+    torch.save(full.state_dict(), tmp_path / "r.pth")
+    net, dim = load_backbone(tmp_path / "r.pth", arch="timm:test_resnet")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert dim == 96 and torch.allclose(net(x), full.eval().forward_head(full.forward_features(x), pre_logits=True))
+    with pytest.raises(ValueError, match=r"r.pth: weights do not fit timm:test_vit.*check --arch \(timm:test_vit\)"):
+        load_backbone(tmp_path / "r.pth", arch="timm:test_vit")
+
+
+def test_timm_checkpoint_gives_the_query_backbone(tmp_path):
+    pytest.importorskip("timm")
+    method_config = {"name": "moco", "backbone": "timm:test_vit", "dim": 16, "hidden_dim": 32, "queue_size": 16}
+    torch.manual_seed(0)
+    method = MoCoV2(**{k: v for k, v in method_config.items() if k != "name"})
+    path = tmp_path / "ckpt-00000002.pt"
+    torch.save({"model": method.state_dict(), "config": json.dumps({"method": method_config}), "step": 2}, path)
+    net, dim = load_backbone(path)
+    assert dim == 64 and _same_outputs(net, method.backbone)
+    assert (backbone_info(path).arch, backbone_info(path).small_images) == ("timm:test_vit", False)
+
+
+def test_knn_command_evaluates_an_exported_timm_vit(tmp_path, capsys):
+    pytest.importorskip("timm")
+    from objcrop.cli import main
+    from objcrop.data.synth import synthesize
+    from objcrop.ssl.backbones import trunk_weights
+
+    synthesize(tmp_path / "scenes", 16, size=48, progress=False)
+    net, _ = load_backbone("random:timm:test_vit", seed=1)
+    torch.save(trunk_weights(net), tmp_path / "vit.pth")
+    write_arch_sidecar(tmp_path / "vit.pth", "timm:test_vit", False)
+    scenes = tmp_path / "scenes"
+    argv = ["knn", "--checkpoint", str(tmp_path / "vit.pth"), "--format", "coco", "--images", str(scenes / "images")]
+    argv += ["--train-annotations", str(scenes / "train.json"), "--test-annotations", str(scenes / "test.json")]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--k", "3", "--json"]
+    assert main([*argv, "--size", "32"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["metric"] == "mAP" and 0 <= out["value"] <= 100
+    assert main([*argv, "--size", "40"]) == 2  # not a multiple of the patch size
+    assert "timm:test_vit needs inputs whose sides are multiples of its patch size" in capsys.readouterr().err
