@@ -24,7 +24,9 @@ def register(subparsers) -> None:
     source.add_argument("--checkpoint", help="ckpt-*.pt written by objcrop pretrain")
     source.add_argument("--weights", help="torchvision ResNet state_dict (.pth), e.g. from objcrop export")
     source.add_argument("--random", action="store_true", help="random initialisation (baseline)")
-    p.add_argument("--arch", help="torchvision ResNet name (default: the checkpoint's, else resnet50)")
+    p.add_argument(
+        "--arch", help="torchvision ResNet or timm:<cnn> (default: the checkpoint's or the sidecar's, else resnet50)"
+    )
     p.add_argument("--format", choices=_FORMATS, default="coco", help="dataset format of both sets (default coco)")
     p.add_argument("--train-annotations", required=True, help="training annotations (COCO instances JSON, ...)")
     p.add_argument("--train-images", required=True, help="folder of the training images")

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote Detectron2 backbone weights to {path}")
         else:
             path = export_torchvision(args.checkpoint, args.out)
-            print(f"wrote torchvision backbone weights to {path} (architecture in {path}.json)")
+            print(f"wrote backbone weights (torchvision or timm names) to {path} (architecture in {path}.json)")
     except CheckpointError as err:
         print(f"objcrop export: error: {err}", file=sys.stderr)
         return 2

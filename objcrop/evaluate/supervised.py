@@ -29,7 +29,7 @@ from objcrop.data.records import Records
 from objcrop.evaluate.backbone import write_arch_sidecar
 from objcrop.evaluate.features import RecordImages, augment_transform, extract_features, valid_rows
 from objcrop.evaluate.linear import chance_level, labels_for_task, linear_probe, score_predictions
-from objcrop.ssl.backbones import build_backbone
+from objcrop.ssl.backbones import build_backbone, is_timm
 from objcrop.ssl.checkpoint import atomic_torch_save
 
 __all__ = ["SupervisedResult", "build_classifier", "save_classifier", "supervised_baseline", "train_supervised"]
@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 def build_classifier(arch: str, num_classes: int, small_images: bool = False) -> nn.Sequential:
     """A randomly initialised ResNet trunk followed by ``fc``; its state dict has torchvision's names."""
+    if is_timm(arch):  # a TimmTrunk's forward would skip an added fc
+        raise ValueError(f"the supervised baseline trains torchvision ResNets, not {arch}")
     net, dim = build_backbone(arch, small_images=small_images)
     net.add_module("fc", nn.Linear(dim, num_classes))
     return net
