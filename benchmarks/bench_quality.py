@@ -7,11 +7,15 @@ For each dataset, in one process and with equal compute per arm:
   (``objcrop synth --sprites --backgrounds``);
 
 it pretrains MoCo (ResNet-18; in-batch negatives by default, see ``--queue-size``) with scene-scene,
-obj-scene and obj-obj-dilate crops over several seeds,
-plus single rows with separate projection heads, GT-box proposals and OpenCV BING proposals, and a
-random-init and a supervised reference. Every backbone is scored by the multi-label linear probe
-(test mAP, %) at two fixed read-out resolutions. It prints mean and 95 % CI (Student t over seeds)
-and writes ``OUT/quality.json``, ``OUT/quality.md`` and ``OUT/quality.png``.
+obj-scene and obj-obj-dilate crops over several seeds, plus rows with separate projection heads,
+GT-box proposals, OpenCV BING proposals and a queue with and without the single-process shuffle-BN
+(``--arms`` picks them), and a random-init and a supervised reference. Every backbone is scored by the
+multi-label linear probe (test mAP, %) at two fixed read-out resolutions.
+
+Arms with the same seed share initial weights and sampler order, so comparisons are paired: the
+per-seed difference (arm minus its baseline), its mean, a paired Student-t 95 % interval and the
+two-sided p-value (``scipy.stats``). It writes ``OUT/quality.json`` (every per-seed value),
+``OUT/quality.md`` and ``OUT/quality-<dataset>.png``.
 
     # one process per dataset, each on one core (about 1 h 45 min on 2 cores):
     python benchmarks/bench_quality.py --datasets synth --out bench_quality/synth &
@@ -32,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import stats
 
 from objcrop.analysis.plots import plot_bars
 from objcrop.data.readers import load_records
@@ -43,7 +48,26 @@ from objcrop.proposals.builder import build_store
 from objcrop.ssl.trainer import pretrain
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+# label -> (policy, proposals: "main" (--proposals) / "gt" / "opencv-bing", config overrides, baseline).
+# The baseline is the arm the paired difference is taken against (None: no comparison row).
+ARMS: dict[str, tuple[str, str, dict, str | None]] = {
+    "scene-scene": ("scene-scene", "gt", {}, None),
+    "obj-scene": ("obj-scene", "main", {}, "scene-scene"),
+    "obj-obj-dilate": ("obj-obj-dilate", "main", {}, "scene-scene"),
+    "obj-obj-dilate + separate heads": ("obj-obj-dilate", "main", {"method.separate_heads": True}, "obj-obj-dilate"),
+    "obj-obj-dilate, GT boxes": ("obj-obj-dilate", "gt", {}, "obj-obj-dilate"),
+    "obj-obj-dilate, OpenCV BING": ("obj-obj-dilate", "opencv-bing", {}, "obj-obj-dilate"),
+    # MoCo with a queue (K=1024, well below the dataset), with and without the single-process shuffle-BN.
+    "obj-obj-dilate, queue": ("obj-obj-dilate", "main", {"method.queue_size": 1024}, None),
+    "obj-obj-dilate, queue, BN leak": (
+        "obj-obj-dilate",
+        "main",
+        {"method.queue_size": 1024, "method.split_bn_groups": 1},
+        "obj-obj-dilate, queue",
+    ),
+}
+DEFAULT_ARMS = ["scene-scene", "obj-scene", "obj-obj-dilate", "obj-obj-dilate + separate heads"]
 
 
 def mean_ci(values: list[float]) -> tuple[float, float, float]:
@@ -51,8 +75,18 @@ def mean_ci(values: list[float]) -> tuple[float, float, float]:
     m = float(np.mean(values))
     if len(values) < 2:
         return m, m, m
-    half = T95.get(len(values) - 1, 1.96) * float(np.std(values, ddof=1)) / math.sqrt(len(values))
+    half = float(stats.t.ppf(0.975, len(values) - 1)) * float(np.std(values, ddof=1)) / math.sqrt(len(values))
     return m, m - half, m + half
+
+
+def paired(arm: list[float], base: list[float]) -> dict:
+    """Per-seed differences ``arm - base`` (the first ``n`` seeds of both), with their mean, paired
+    Student-t 95 % interval and two-sided p-value; ``None`` for interval and p with one pair."""
+    n = min(len(arm), len(base))
+    diffs = [float(a - b) for a, b in zip(arm[:n], base[:n], strict=True)]
+    mean, lo, hi = mean_ci(diffs)
+    p = float(stats.ttest_rel(arm[:n], base[:n]).pvalue) if n >= 2 and np.std(diffs) > 0 else None
+    return {"pairs": n, "diffs": diffs, "mean": mean, "ci": [lo, hi] if n >= 2 else None, "p": p}
 
 
 def make_data(name: str, root: Path, settings: DemoSettings, seed: int) -> Path:
@@ -102,33 +136,24 @@ def run_dataset(name: str, args: argparse.Namespace, settings: DemoSettings) -> 
     data = make_data(name, root, settings, seed=1000)
     train = load_records("coco", annotations=str(data / "train.json"), images=str(data / "images"))
     test = load_records("coco", annotations=str(data / "test.json"), images=str(data / "images"))
-    backends = [args.proposals] + (["opencv-bing"] if args.opencv_bing_row else [])
+    wanted = {ARMS[a][1] for a in args.arms}
+    backends = [args.proposals] + (["opencv-bing"] if "opencv-bing" in wanted else [])
     stores = proposal_stores(data, train, backends, max(settings.workers, 1))
-    main_store = stores[args.proposals]
+    stores["main"] = stores[args.proposals]
     sizes = args.readout
-
-    rows: list[tuple[str, str, str, dict]] = [  # label, policy, store, extra overrides
-        ("scene-scene", "scene-scene", "gt", {}),
-        ("obj-scene", "obj-scene", main_store, {}),
-        ("obj-obj-dilate", "obj-obj-dilate", main_store, {}),
-    ]
-    extra_rows = [
-        ("obj-obj-dilate + separate heads", "obj-obj-dilate", main_store, {"method.separate_heads": True}),
-        ("obj-obj-dilate, GT boxes", "obj-obj-dilate", "gt", {}),
-    ]
-    if args.opencv_bing_row:
-        extra_rows.append(("obj-obj-dilate, OpenCV BING", "obj-obj-dilate", stores["opencv-bing"], {}))
+    seeds_of = dict(item.split("=") for item in args.arm_seeds)
 
     results: dict[str, dict] = {}
     t_start = time.perf_counter()
-    for label, policy, store, extra in rows + extra_rows:
-        seeds = args.seeds if (label, policy, store, extra) in rows else args.extra_seeds
+    for label in args.arms:
+        policy, store_key, extra, _ = ARMS[label]
+        seeds = int(seeds_of.get(label, args.seeds))
         per_size: dict[int, list[float]] = {s: [] for s in sizes}
         for seed in range(seeds):
-            run = root / f"runs-{name}" / f"{label.replace(' ', '_').replace(',', '')}-seed{seed}"
+            run = root / f"runs-{name}" / f"{label.replace(' ', '_').replace(',', '').replace('+', 'plus')}-seed{seed}"
             settings.seed = seed
             settings.extra = {"train.progress": False, **extra}
-            config = pretrain_config(settings, data, store, policy, run)
+            config = pretrain_config(settings, data, stores[store_key], policy, run)
             t0 = time.perf_counter()
             result = pretrain(config)
             scores = probe_all(result.checkpoint, train, test, sizes, root / f"features-{name}", seed)
@@ -159,12 +184,28 @@ def run_dataset(name: str, args: argparse.Namespace, settings: DemoSettings) -> 
     results["supervised (same backbone), linear probe"] = {str(args.readout[0]): [sup.linear["value"]]}
     results["supervised (same backbone), own head"] = {str(args.readout[0]): [sup.head_value]}
     chance = linear_probe("random:resnet18", train, test, size=sizes[0], progress=False).chance
-    return {"results": results, "chance": chance, "minutes": (time.perf_counter() - t_start) / 60}
+    outcome = {"results": results, "chance": chance, "minutes": (time.perf_counter() - t_start) / 60}
+    outcome["paired"] = comparisons(outcome, sizes)
+    return outcome
+
+
+def comparisons(outcome: dict, sizes: list[int]) -> list[dict]:
+    """The paired difference of every arm whose baseline also ran, per read-out size."""
+    rows = []
+    for label, per_size in outcome["results"].items():
+        base = ARMS.get(label, (None, None, None, None))[3]
+        if base is None or base not in outcome["results"]:
+            continue
+        for s in sizes:
+            arm, ref = per_size.get(str(s)), outcome["results"][base].get(str(s))
+            if arm and ref:
+                rows.append({"arm": label, "baseline": base, "size": s, **paired(arm, ref)})
+    return rows
 
 
 def table(name: str, outcome: dict, sizes: list[int]) -> str:
     lines = [
-        f"### ({name}) test mAP %, mean [95 % CI] over seeds; chance {outcome['chance']:.1f}",
+        f"### ({name}) test mAP %, mean [95 % t-interval] over seeds; chance {outcome['chance']:.1f}",
         "",
         "| arm | seeds | " + " | ".join(f"mAP @ {s} px" for s in sizes) + " |",
         "|---|---|" + "---|" * len(sizes),
@@ -180,17 +221,19 @@ def table(name: str, outcome: dict, sizes: list[int]) -> str:
             cells.append(f"{m:.1f}" if len(values) == 1 else f"{m:.1f} [{lo:.1f}, {hi:.1f}]")
         n = max(len(v) for v in per_size.values())
         lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
-    base = outcome["results"]["scene-scene"]
-    ours = outcome["results"]["obj-obj-dilate"]
-    for s in sizes:
-        gain = float(np.mean(ours[str(s)]) - np.mean(base[str(s)]))
-        _, b_lo, b_hi = mean_ci(base[str(s)])
-        _, o_lo, o_hi = mean_ci(ours[str(s)])
-        overlap = not (o_lo > b_hi or b_lo > o_hi)
-        lines.append(
-            f"\nobj-obj-dilate - scene-scene @ {s} px: {gain:+.1f} mAP; intervals "
-            f"{'overlap' if overlap else 'do not overlap'}"
-        )
+    lines += [
+        "",
+        f"Paired by seed ({name}): difference in test mAP points, mean [paired 95 % t-interval], p (two-sided)",
+        "",
+        "| comparison | read-out | pairs | difference | interval | p | per seed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in outcome["paired"]:
+        ci = "-" if c["ci"] is None else f"[{c['ci'][0]:+.1f}, {c['ci'][1]:+.1f}]"
+        p = "-" if c["p"] is None else f"{c['p']:.3f}"
+        seeds = ", ".join(f"{d:+.1f}" for d in c["diffs"])
+        name = f"{c['arm']} - {c['baseline']}"
+        lines.append(f"| {name} | {c['size']} px | {c['pairs']} | {c['mean']:+.1f} | {ci} | {p} | {seeds} |")
     return "\n".join(lines)
 
 
@@ -209,11 +252,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--queue-size", type=int, default=0, help="0: in-batch negatives (MoCo v3 style)")
     parser.add_argument("--lr", type=float, default=0.06, help="SGD lr at batch 256 (scaled linearly)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--extra-seeds", type=int, default=1)
+    parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS), metavar="ARM")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds of every arm, unless --arm-seeds says otherwise")
+    parser.add_argument("--arm-seeds", nargs="*", default=[], metavar="ARM=N", help='e.g. "obj-obj-dilate, GT boxes=1"')
     parser.add_argument("--readout", type=int, nargs="+", default=[64, 128], help="the first also trains supervised")
     parser.add_argument("--proposals", default="bing", choices=("bing", "gt"))
-    parser.add_argument("--no-opencv-bing-row", dest="opencv_bing_row", action="store_false")
     parser.add_argument("--supervised-epochs", type=int, default=10)
     parser.add_argument(
         "--workers", type=int, default=0, help="loader workers; 0 lets two runs (one per dataset) share 2 cores"
@@ -254,7 +297,8 @@ def main() -> None:
     for name, outcome in outcomes.items():
         size = str(args.readout[0])
         means = {k: float(np.mean(v[size])) for k, v in outcome["results"].items() if v.get(size)}
-        cis = {k: mean_ci(v[size])[1:] for k, v in outcome["results"].items() if v.get(size)}
+        # Rows with one value (one seed, or a reference) get no error bar rather than a zero-width one.
+        cis = {k: mean_ci(v[size])[1:] for k, v in outcome["results"].items() if len(v.get(size) or []) > 1}
         plot_bars(means, out / f"quality-{name}.png", errors=cis, ylabel="test mAP (%)", reference=outcome["chance"])
     print(f"wrote {out / 'quality.md'}")
 

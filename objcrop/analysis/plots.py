@@ -58,14 +58,22 @@ def plot_bars(
     title: str = "",
     reference: float | None = None,
 ) -> Path:
-    """A bar per ``name -> value``, with optional ``(lo, hi)`` intervals and a dashed reference line."""
+    """A bar per ``name -> value``, with optional ``(lo, hi)`` intervals and a dashed reference line.
+
+    Only the names in ``errors`` get an error bar: a row without an interval (one seed) gets none,
+    rather than a zero-width one that reads as "no variance".
+    """
     names = list(values)
     fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(names)), 4))
     heights = [values[n] for n in names]
-    yerr = None
-    if errors:
-        yerr = [[values[n] - errors[n][0] for n in names], [errors[n][1] - values[n] for n in names]]
-    ax.bar(names, heights, yerr=yerr, capsize=4, color="#4C72B0")
+    ax.bar(names, heights, color="#4C72B0")
+    with_errors = [i for i, n in enumerate(names) if errors and n in errors]
+    if with_errors:
+        lows = [values[names[i]] - errors[names[i]][0] for i in with_errors]
+        highs = [errors[names[i]][1] - values[names[i]] for i in with_errors]
+        ax.errorbar(
+            with_errors, [heights[i] for i in with_errors], yerr=[lows, highs], fmt="none", ecolor="black", capsize=4
+        )
     for i, h in enumerate(heights):
         ax.text(i, h, f"{h:.1f}", ha="center", va="bottom", fontsize=9)
     if reference is not None:
