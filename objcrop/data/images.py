@@ -3,12 +3,18 @@
 ``load_image`` and ``image_size`` read the orientation the same way (from the file header), so
 ``image_size(path) == load_image(path).size`` holds by construction and boxes stored with header
 sizes always match the decoded pixels.
+
+Besides files, both read members of tar shards (webdataset): a path ``<shard.tar>#<member>``
+(see :mod:`objcrop.data.webdataset`) names one member, read without extracting the shard.
+``load_image_bytes`` and ``image_size_bytes`` decode images already in memory (a streamed sample).
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +26,9 @@ __all__ = [
     "ImageReadError",
     "is_image_file",
     "load_image",
+    "load_image_bytes",
     "image_size",
+    "image_size_bytes",
     "relative_image_paths",
 ]
 
@@ -60,10 +68,22 @@ def is_image_file(path: str | os.PathLike) -> bool:
 
 def _open(path: str) -> Image.Image:
     if not os.path.isfile(path):
-        raise FileNotFoundError(errno.ENOENT, "image not found", path)
+        # Only reached for paths that are no file: a tar member "<shard.tar>#<member>", or missing.
+        from objcrop.data.webdataset import read_member, split_member_path
+
+        member = split_member_path(path)
+        if member is None:
+            raise FileNotFoundError(errno.ENOENT, "image not found", path)
+        return _open_bytes(read_member(*member), path)
     if os.path.getsize(path) == 0:
         raise ImageReadError(path, "empty file (0 bytes)")
     return Image.open(path)
+
+
+def _open_bytes(data: bytes, name: str) -> Image.Image:
+    if not data:
+        raise ImageReadError(name, "empty file (0 bytes)")
+    return Image.open(io.BytesIO(data))
 
 
 def _orientation(img: Image.Image) -> int:
@@ -116,7 +136,7 @@ def load_image(path: str | os.PathLike, draft_size: tuple[int, int] | None = Non
     to 0..255 instead of being clipped at 255. The EXIF orientation is applied.
 
     Args:
-        path: Image file.
+        path: Image file, or a tar shard member ``<shard.tar>#<member>``.
         draft_size: ``(width, height)`` of the upright image that is needed at least. JPEGs are then
             decoded at a reduced scale (1/2, 1/4 or 1/8) that is still at least this large; other
             formats ignore it. The aspect ratio is kept.
@@ -125,15 +145,33 @@ def load_image(path: str | os.PathLike, draft_size: tuple[int, int] | None = Non
         The decoded RGB image.
 
     Raises:
-        FileNotFoundError: ``path`` is not a file.
+        FileNotFoundError: ``path`` is not a file (nor a member of an existing shard).
         ImageReadError: The file is empty, not an image, corrupt, truncated, or larger than PIL's
             decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``).
     """
     path = os.fspath(path)
+    return _decode(path, lambda: _open(path), draft_size)
+
+
+def load_image_bytes(data: bytes, name: str, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """:func:`load_image` for an encoded image in memory (a streamed tar member, for example).
+
+    Args:
+        data: The encoded image (the bytes of a file).
+        name: What errors call the image (its shard and key, say).
+        draft_size: As for :func:`load_image`.
+
+    Raises:
+        ImageReadError: ``data`` is empty, not an image, corrupt, truncated or too large.
+    """
+    return _decode(name, lambda: _open_bytes(data, name), draft_size)
+
+
+def _decode(path: str, opener: Callable[[], Image.Image], draft_size: tuple[int, int] | None) -> Image.Image:
     if draft_size is not None and (len(draft_size) != 2 or min(draft_size) < 1):
         raise ValueError(f"draft_size must be two positive integers, got {draft_size}")
     try:
-        with _open(path) as img:
+        with opener() as img:
             # Read before load(): PIL keeps this EXIF, so an eXIf chunk after PNG pixel data is ignored
             # here exactly as in image_size.
             orientation = _orientation(img)
@@ -163,13 +201,24 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     EXIF orientations 5 to 8 swap width and height, so the result equals ``load_image(path).size``.
     A file whose header is fine but whose pixel data is truncated is only caught by :func:`load_image`.
 
+    ``path`` may be a tar shard member ``<shard.tar>#<member>``, as for :func:`load_image`.
+
     Raises:
-        FileNotFoundError: ``path`` is not a file.
+        FileNotFoundError: ``path`` is not a file (nor a member of an existing shard).
         ImageReadError: The header cannot be parsed, or the image exceeds the decompression-bomb limit.
     """
     path = os.fspath(path)
+    return _header_size(path, lambda: _open(path))
+
+
+def image_size_bytes(data: bytes, name: str) -> tuple[int, int]:
+    """:func:`image_size` of an encoded image in memory; errors name ``name``."""
+    return _header_size(name, lambda: _open_bytes(data, name))
+
+
+def _header_size(path: str, opener: Callable[[], Image.Image]) -> tuple[int, int]:
     try:
-        with _open(path) as img:
+        with opener() as img:
             return _upright_size(img)
     except (FileNotFoundError, ImageReadError, MemoryError):
         raise

@@ -9,11 +9,12 @@ from objcrop.data.folder import read_folder
 from objcrop.data.openimages import read_openimages
 from objcrop.data.records import Records
 from objcrop.data.voc import read_voc
+from objcrop.data.webdataset import read_webdataset
 from objcrop.data.yolo import read_yolo
 
 __all__ = ["FORMATS", "load_records"]
 
-FORMATS = ("coco", "voc", "openimages", "yolo", "folder")
+FORMATS = ("coco", "voc", "openimages", "yolo", "folder", "webdataset")
 
 # What --annotations is for each format (None: the format takes none).
 _ANNOTATIONS = {
@@ -22,6 +23,7 @@ _ANNOTATIONS = {
     "openimages": "the boxes CSV",
     "yolo": "the labels folder",
     "folder": None,
+    "webdataset": None,  # boxes come from each sample's json member
 }
 
 
@@ -38,7 +40,8 @@ def load_records(
         fmt: Dataset format.
         annotations: COCO JSON, VOC Annotations folder or ImageSets list, OpenImages boxes CSV, or
             YOLO labels folder; not used by ``folder``.
-        images: Folder of the images (always needed).
+        images: Folder of the images (always needed); for ``webdataset`` a folder of tar shards, a brace
+            pattern (``shards/train-{000000..000009}.tar``) or one shard.
         labels_csv: OpenImages image-level labels CSV (only for ``openimages``).
         classes_csv: OpenImages class descriptions CSV, or a YOLO class names file (``data.yaml`` or
             one name per line).
@@ -69,4 +72,6 @@ def load_records(
         return read_openimages(annotations, images, labels_csv=labels_csv, classes_csv=classes_csv)
     if fmt == "yolo":
         return read_yolo(annotations, images, class_names=classes_csv)
+    if fmt == "webdataset":
+        return read_webdataset(images)
     return read_folder(images)
