@@ -104,6 +104,20 @@ def test_with_two_workers_each_stream_reads_its_own_shard(shards):
     assert all(len(s) == 1 for s in sides) and sides[0] != sides[1] and sides[0] == sides[2]
 
 
+def test_processes_read_disjoint_shards(shards, tmp_path):
+    """Two ranks over 4 shards of 4: in an epoch of 2 batches of 4 each rank reads its own 2 shards whole."""
+    write_shards(read_webdataset(shards), tmp_path, samples_per_shard=4)
+    ds = dataset(tmp_path)
+    keys = []
+    for rank in (0, 1):
+        ds.set_epoch(0)
+        ds.plan(2, 0, 4, workers=0, rank=rank, world_size=2)
+        keys.append({s["key"] for s in ds})
+    assert len(keys[0]) == len(keys[1]) == 8 and not keys[0] & keys[1]
+    shard_of = {k: int(k) // 4 for k in keys[0] | keys[1]}
+    assert len({shard_of[k] for k in keys[0]}) == 2
+
+
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
     with tarfile.open(path, "w") as tar:
         for name, data in members:
