@@ -22,6 +22,15 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _cap(text: str) -> int | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
+
+
 def _spaces(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
@@ -50,6 +59,24 @@ def register(subparsers) -> None:
     train.add_argument("--min-boxes", type=int, default=5, help="keep window sizes covering >= this many GT boxes")
     train.add_argument("--negatives", type=int, default=100, help="random negative windows per image (default 100)")
     train.add_argument("--svm-c", type=float, default=1.0, help="stage I LinearSVC C (default 1)")
+    train.add_argument(
+        "--svm-solver",
+        choices=("primal", "dual"),
+        default="primal",
+        help="stage I SVM solver: primal (default, linear in the samples) or dual (the old one, much slower)",
+    )
+    train.add_argument(
+        "--max-positives", type=_cap, default=100_000, help="cap on stage I positives, or none (default 100000)"
+    )
+    train.add_argument(
+        "--max-negatives", type=_cap, default=200_000, help="cap on stage I negatives, or none (default 200000)"
+    )
+    train.add_argument(
+        "--max-calibration-windows",
+        type=_cap,
+        default=50_000,
+        help="cap on stage II windows per window size, or none (default 50000)",
+    )
     train.add_argument("--bases", type=int, default=2, help="binary basis vectors of the filter, Nw (default 2)")
     train.add_argument("--bits", type=int, default=4, help="gradient bit planes, Ng (default 4)")
     train.add_argument("--nss", type=int, default=2, help="non-maximum suppression radius in map cells (default 2)")
@@ -81,6 +108,10 @@ def run_train(args: argparse.Namespace) -> int:
         min_boxes_per_size=args.min_boxes,
         negatives_per_image=args.negatives,
         svm_c=args.svm_c,
+        svm_solver=args.svm_solver,
+        max_positives=args.max_positives,
+        max_negatives=args.max_negatives,
+        max_calibration_windows=args.max_calibration_windows,
         num_bases=args.bases,
         num_bits=args.bits,
         nss=args.nss,
@@ -96,6 +127,11 @@ def run_train(args: argparse.Namespace) -> int:
         f"trained on {len(records)} images in {time.perf_counter() - start:.1f} s"
     )
     print(json.dumps(model.info["trained_on"]))
+    info = model.info
+    print(
+        f"stage I: {info['stage1_positives']} positives (+ mirrored), {info['stage1_negatives']} negatives; "
+        f"stage II: {info['stage2_windows']} windows"
+    )
     return 0
 
 

@@ -23,10 +23,12 @@ from objcrop.proposals.bing import (
     detect,
     load_model,
     load_opencv_model,
+    sampling,
     save_model,
     size_grid,
     train_bing,
 )
+from objcrop.proposals.bing import train as bing_train
 from objcrop.proposals.bing.detect import score_candidates
 from objcrop.proposals.bing.features import ResizedImage, window_layout
 from objcrop.proposals.bing.opencv_model import read_opencv_matrix
@@ -326,6 +328,129 @@ def test_rescorer_trains_round_trips_and_reranks(synthetic, tmp_path):
     assert recall_at(BingProposer(rescored, topk=10), test, 10) >= 0.5
 
 
+# ------------------------------------------------------------------ training cost: solver and sample caps
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a.ravel() @ b.ravel() / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_primal_solver_learns_the_old_dual_solvers_filter(synthetic):
+    _, train, test, _ = synthetic
+    primal = train_bing(train, ("rgb",), CONFIG, progress=False)
+    dual = train_bing(train, ("rgb",), dataclasses.replace(CONFIG, svm_solver="dual"), progress=False)
+    # Same objective, two solvers: the same optimum, hence the same detector.
+    assert cosine(primal.filters[0].weights, dual.filters[0].weights) > 0.999
+    np.testing.assert_allclose(primal.filters[0].calibration, dual.filters[0].calibration, rtol=0.05, atol=0.05)
+    r_primal = recall_at(BingProposer(primal, topk=10), test, 10)
+    r_dual = recall_at(BingProposer(dual, topk=10), test, 10)
+    assert r_dual >= 0.6 and r_primal >= 0.6
+    assert abs(r_primal - r_dual) <= 0.05
+
+
+def test_training_samples_stay_within_the_caps(synthetic, monkeypatch):
+    _, train, test, _ = synthetic
+    cfg = dataclasses.replace(
+        CONFIG, max_positives=40, max_negatives=100, max_calibration_windows=30, rescore=True, rescore_pool=100,
+        num_priors=10, max_rescore_windows=500,
+    )  # fmt: skip
+    fits, calibrations = [], []
+    fit_filter, fit_calibration = bing_train._fit_filter, bing_train._fit_calibration
+
+    def spy_filter(pos, neg, *args):
+        fits.append((len(pos), len(neg)))
+        return fit_filter(pos, neg, *args)
+
+    def spy_calibration(raw, label):
+        calibrations.append(len(raw))
+        return fit_calibration(raw, label)
+
+    monkeypatch.setattr(bing_train, "_fit_filter", spy_filter)
+    monkeypatch.setattr(bing_train, "_fit_calibration", spy_calibration)
+    model = train_bing(train, ("rgb",), cfg, progress=False)
+    full = train_bing(train, ("rgb",), CONFIG, progress=False)
+    # The uncapped run has more of everything, so every cap binds exactly.
+    assert full.info["stage1_positives"] > 40 and full.info["stage1_negatives"] > 100
+    assert fits[0] == (40, 100)
+    assert model.info["stage1_positives"] == 40 and model.info["stage1_negatives"] == 100
+    n_sizes = len(model.sizes)
+    assert max(calibrations[:n_sizes]) == 30 and model.info["stage2_windows"] <= 30 * n_sizes
+    assert model.info["stage2_windows"] < full.info["stage2_windows"]
+    assert model.info["rescorer_windows"] == 500
+    # 40 positives and 100 negatives still learn a useful filter.
+    assert recall_at(BingProposer(model, topk=10, rescore=False), test, 10) >= 0.5
+
+
+def test_training_is_deterministic_for_a_seed(synthetic):
+    _, train, _, _ = synthetic
+    small = train.subset(np.arange(10))
+    # Caps that bind, so that every seeded draw is exercised.
+    cfg = dataclasses.replace(CONFIG, max_positives=30, max_negatives=150, max_calibration_windows=40)
+    a = train_bing(small, ("rgb",), cfg, progress=False)
+    b = train_bing(small, ("rgb",), cfg, workers=2, progress=False)
+    c = train_bing(small, ("rgb",), cfg, seed=1, progress=False)
+    assert a.info == b.info
+    for fa, fb in zip(a.filters, b.filters, strict=True):
+        assert fa.weights.tobytes() == fb.weights.tobytes()
+        assert fa.calibration.tobytes() == fb.calibration.tobytes()
+    assert a.filters[0].weights.tobytes() != c.filters[0].weights.tobytes()
+
+
+def test_sampling_budget_and_reservoir():
+    assert sampling.per_image_budget(100, None, 10) == 100
+    assert sampling.per_image_budget(100, 250, 10) == 25
+    assert sampling.per_image_budget(100, 251, 10) == 26
+    assert sampling.per_image_budget(10, 10**6, 10) == 10
+    rng = np.random.default_rng(0)
+    group, key, value = rng.integers(0, 3, 5000), rng.random(5000), np.arange(5000)
+    whole = sampling.Reservoir(400)
+    whole.add(group, key, value=value)
+    chunked = sampling.Reservoir(400, buffer=100)  # compacts many times on the way
+    for lo in range(0, 5000, 37):
+        chunked.add(group[lo : lo + 37], key[lo : lo + 37], value=value[lo : lo + 37])
+    g, kept = whole.result()
+    g2, kept2 = chunked.result()
+    np.testing.assert_array_equal(g, g2)
+    np.testing.assert_array_equal(kept["value"], kept2["value"])
+    assert (np.diff(kept["value"]) > 0).all()  # arrival order
+    for k in range(3):
+        mine = kept["value"][g == k]
+        assert len(mine) == 400
+        # the 400 smallest keys of the group
+        np.testing.assert_array_equal(np.sort(mine), np.sort(value[group == k][np.argsort(key[group == k])[:400]]))
+    everything = sampling.Reservoir(None, buffer=10)
+    for lo in range(0, 5000, 1000):
+        everything.add(group[lo : lo + 1000], key[lo : lo + 1000], value=value[lo : lo + 1000])
+    np.testing.assert_array_equal(everything.result()[1]["value"], value)
+    with pytest.raises(ValueError, match="no items"):
+        sampling.Reservoir(5).result()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("svm_c", float("nan")),
+        ("svm_c", float("inf")),
+        ("svm_c", 0.0),
+        ("positive_iou", float("nan")),
+        ("positive_iou", 1.5),
+        ("size_groups", (float("inf"),)),
+        ("negatives_per_image", 0),
+        ("max_negatives", 0),
+        ("max_positives", 2.5),
+        ("max_calibration_windows", True),
+        ("max_rescore_windows", -1),
+        ("side_lengths", ()),
+        ("svm_solver", "sgd"),
+        ("resize", "area"),
+        ("num_bits", 0),
+    ],
+)
+def test_train_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
 def test_prior_boxes_cover_the_most_objects():
     gt = np.array([[0, 0, 0.5, 0.5], [0.01, 0, 0.5, 0.5], [0, 0.01, 0.5, 0.5], [0.5, 0.5, 1, 1]], np.float32)
     priors = prior_boxes(gt, 5)
@@ -476,6 +601,13 @@ def test_cli_train_and_import(tmp_path, capsys):
     assert load_model(out).colour_spaces == ("rgb", "hsv")
     assert "wrote" in capsys.readouterr().out
     assert main([*argv, "--colour-spaces", "lab"]) == 2
+    # Bad numbers fail before any image is read, with exit code 2.
+    assert main([*argv, "--svm-c", "nan"]) == 2
+    assert main([*argv, "--max-negatives", "0"]) == 2
+    capsys.readouterr()
+    assert main([*argv, "--svm-solver", "dual", "--max-negatives", "none", "--max-positives", "50"]) == 0
+    assert "stage I: 50 positives" in capsys.readouterr().out
+    assert load_model(out).info["config"]["svm_solver"] == "dual"
     if OPENCV_MODEL.is_dir():
         out2 = tmp_path / "opencv.npz"
         assert main(["bing", "import-opencv", "--opencv-dir", str(OPENCV_MODEL), "--out", str(out2)]) == 0

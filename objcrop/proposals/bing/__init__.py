@@ -3,7 +3,8 @@ CVPR 2014): trainable on any box-annotated dataset, a binarized detector with po
 for OpenCV's trained models.
 
 Layers: :mod:`.features` (window sizes, resized normed-gradient maps) -> :mod:`.model` (filters, sizes,
-calibration) -> :mod:`.detect` (scoring, selection, :class:`BingProposer`) and :mod:`.train`;
+calibration) -> :mod:`.detect` (scoring, selection, :class:`BingProposer`) and :mod:`.train` (with
+:mod:`.train_config` and the bounded sample draws of :mod:`.sampling`);
 :mod:`.model_io` and :mod:`.opencv_model` read and write models; :mod:`.rescore` is an optional learned
 second ranking of the best windows. The numba kernels live in ``_kernels``.
 """
