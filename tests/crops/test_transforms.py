@@ -4,12 +4,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.datasets import VisionDataset
 from torchvision.transforms import v2
 
-from objcrop.crops.augment import moco_v2_view_transform
 from objcrop.crops.policies import POLICIES, ViewPairPolicy
 from objcrop.crops.transforms import ViewPairTransform, image_size, resized_crop
 
@@ -178,46 +177,6 @@ def test_drops_into_a_torchvision_dataset_and_dataloader(scene):
     views, kinds = batches[0]
     assert [v.shape for v in views] == [(4, 3, 16, 16)] * 2
     assert sorted(kinds[0] + kinds[1]) == ["object"] * 4 + ["scene"] * 4
-
-
-class LightlyStyleDataset(Dataset):
-    """Emulates lightly's convention (lightly is not installed): the dataset calls a multi-view
-    ``transform`` that returns a list of views, and yields ``(views, target)``; the training step
-    reads ``batch[0]`` as the list of batched views."""
-
-    def __init__(self, image, target, length, transform):
-        self.image, self.target, self.length, self.transform = image, target, length, transform
-
-    def __getitem__(self, index):
-        return self.transform(self.image), self.target
-
-    def __len__(self):
-        return self.length
-
-
-class EmulatedMultiViewTransform:
-    """lightly.transforms.MultiViewTransform's convention: one transform per view, a list out."""
-
-    def __init__(self, transforms):
-        self.transforms = transforms
-
-    def __call__(self, image):
-        return [t(image) for t in self.transforms]
-
-
-def lightly_style_step(batch):
-    views = batch[0]
-    x0, x1 = views
-    return x0.shape, x1.shape
-
-
-def test_fits_the_lightly_multi_view_convention(scene):
-    crop = v2.Compose([v2.RandomResizedCrop(16, scale=(0.2, 1.0)), moco_v2_view_transform(16)])
-    lightly_like = LightlyStyleDataset(scene, 0, 4, EmulatedMultiViewTransform([crop, crop]))
-    ours = ProposalImages(scene, BLOCK, 4, transforms=ViewPairTransform(ViewPairPolicy("obj-obj-dilate"), size=16))
-    for dataset in (lightly_like, ours):
-        (batch,) = DataLoader(dataset, batch_size=4)
-        assert lightly_style_step(batch) == ((4, 3, 16, 16), (4, 3, 16, 16))
 
 
 def test_workers_draw_different_crops_and_torch_seed_reproduces_them(gradient):
