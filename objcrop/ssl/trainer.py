@@ -284,6 +284,7 @@ class Trainer:
         self.epoch = 0
         self.batches_done_in_epoch = 0
         self.unusable: set[int] = set()  # distinct records this rank found unusable (all ranks' after a resume)
+        self.replaced_elsewhere = 0  # replacements by a dataset that does not say which records it skipped
         self.fallbacks = 0
         self.last_loss = float("nan")
         self.knn_monitor = self._build_knn_monitor() if self.env.is_main else None
@@ -318,11 +319,19 @@ class Trainer:
 
     @property
     def skipped(self) -> int:
-        """How many distinct unusable records this rank met (all ranks' once a checkpoint was written)."""
-        return len(self.unusable)
+        """How many distinct unusable records this rank met (all ranks' once a checkpoint was written).
+
+        For a dataset without ``known_bad`` (one that does not replace a record by the next one, such as
+        a stream) the count is the sum of its samples' ``replaced``, which may count a bad sample twice.
+        """
+        return len(self.unusable) + self.replaced_elsewhere
 
     def _note_unusable(self, batch: dict[str, Any]) -> None:
-        """Adds the records the batch's samples skipped: the ``replaced`` ones just before each ``index``."""
+        """Adds the records the batch's samples skipped: the ``replaced`` ones just before each ``index``
+        (how :class:`~objcrop.crops.dataset.ObjectAwareDataset` replaces them)."""
+        if not hasattr(self.dataset, "known_bad"):
+            self.replaced_elsewhere += int(batch["replaced"].sum())
+            return
         n = len(self.dataset)
         for index, replaced in zip(batch["index"].tolist(), batch["replaced"].tolist(), strict=True):
             self.unusable.update((index - k) % n for k in range(1, replaced + 1))
@@ -371,6 +380,7 @@ class Trainer:
             "world_size": self.env.world_size,
             "skipped": self.skipped,
             "unusable": torch.tensor(sorted(self.unusable), dtype=torch.int64),
+            "replaced_elsewhere": self.replaced_elsewhere,
             "fallbacks": self.fallbacks,
             "loss": self.last_loss,
             "num_records": len(self.dataset),
@@ -393,6 +403,7 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.batches_done_in_epoch = int(state["batches_done_in_epoch"])
         self.unusable = set(state["unusable"].tolist()) if "unusable" in state else set()
+        self.replaced_elsewhere = int(state.get("replaced_elsewhere", 0))
         self.fallbacks = int(state["fallbacks"])
         self.last_loss = float(state.get("loss", float("nan")))
 
@@ -649,7 +660,7 @@ class Trainer:
         if self.env.distributed:
             dist.barrier()
         final = self.checkpointer.paths()
-        skipped = len(self._all_unusable())
+        skipped = len(self._all_unusable()) + self.replaced_elsewhere
         if skipped and self.env.is_main:
             logger.warning(
                 "%d unusable records were skipped in all (see the warnings of objcrop.crops.dataset)", skipped
