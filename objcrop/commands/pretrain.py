@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except NoUsableImageError as err:
         # Raised in a loader worker, the message carries the worker's traceback: its last line is the error.
-        print(f"objcrop pretrain: error: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
+        message = str(err).strip().splitlines()[-1].removeprefix(f"{NoUsableImageError.__module__}.")
+        print(f"objcrop pretrain: error: {message.removeprefix(f'{NoUsableImageError.__name__}: ')}", file=sys.stderr)
         return 2
     if not result.is_main:  # under torchrun, rank 0 reports
         return 0

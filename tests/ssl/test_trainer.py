@@ -340,6 +340,21 @@ def test_thirty_corrupt_jpegs_in_a_row_train_to_the_end_and_are_counted_once(sce
     assert "30 unusable records were skipped in all" in caplog.text
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_dataset_without_any_usable_record_is_a_clear_cli_error(scenes, tmp_path, capsys, workers):
+    root = tmp_path / "broken"
+    shutil.copytree(scenes / "images", root / "images")
+    for path in (root / "images").iterdir():
+        path.write_bytes(b"not an image")
+    settings = tiny_settings(
+        scenes, tmp_path / "run", **{"data.images": str(root / "images"), "train.workers": workers}
+    )
+    assert main(["pretrain", "--config", str(write_yaml(settings, tmp_path / "config.yaml"))]) == 2
+    err = capsys.readouterr().err
+    assert "objcrop pretrain: error: none of the 51 records can be used" in err
+    assert "Traceback" not in err and "NoUsableImageError" not in err
+
+
 # ------------------------------------------------------------------ output folders, stale temp files
 
 
