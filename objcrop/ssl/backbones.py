@@ -17,6 +17,7 @@ Weights are always random: nothing is downloaded.
 from __future__ import annotations
 
 import difflib
+import logging
 from collections import OrderedDict
 
 import torch
@@ -48,6 +49,8 @@ BACKBONES = (
     "wide_resnet101_2",
 )
 TIMM_PREFIX = "timm:"
+
+logger = logging.getLogger(__name__)
 
 _TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
@@ -85,12 +88,33 @@ def _create_timm_model(model: str) -> nn.Module:
     return timm.create_model(model, pretrained=False, num_classes=0)
 
 
+def _head_only_parameters(model: nn.Module, model_name: str, side: int) -> list[str]:
+    """Names of the parameters that ``forward_features`` leaves out (ConvNeXt's ``head.norm``, a pooled ViT's
+    ``fc_norm``), found by one forward and backward pass on the meta device (no memory, no compute)."""
+    if next(model.parameters()).is_meta:
+        probe = model
+    else:
+        with torch.device("meta"):
+            probe = _create_timm_model(model_name)
+    try:
+        probe.forward_features(torch.empty(1, 3, side, side, device="meta")).float().sum().backward()
+    except Exception as err:  # an op without a meta kernel: keep every parameter trainable
+        logger.debug("no meta probe of %s: %s", model_name, err)
+        return []
+    finally:
+        unused = [name for name, p in probe.named_parameters() if p.grad is None]
+        probe.zero_grad(set_to_none=True)
+    return unused
+
+
 class TimmTrunk(nn.Module):
     """A timm model without its classifier: pooled features ``[B, D]`` or a dense map ``[B, D, h, w]``.
 
     The dense map is the last feature map of a CNN (``forward_features``; NHWC models are permuted), or
     the patch tokens of a transformer with the class/register tokens (``num_prefix_tokens``) dropped,
-    laid out on the patch grid.
+    laid out on the patch grid. Parameters that only the pooled output uses (ConvNeXt's ``head.norm``, a
+    pooled ViT's ``fc_norm``) get no gradient from the dense map, which DDP refuses: in dense mode they are
+    frozen at their initial values (a LayerNorm's ones and zeros) and stay in the state dict.
 
     Args:
         name: ``timm:<name>`` (or the bare timm name).
@@ -107,6 +131,10 @@ class TimmTrunk(nn.Module):
         self.feature_map = feature_map
         patch = getattr(getattr(self.model, "patch_embed", None), "patch_size", None)
         self.patch_size: tuple[int, int] | None = None if patch is None else tuple(int(p) for p in patch)
+        if feature_map:
+            side = 4 * max(self.patch_size) if self.patch_size else 64
+            for name in _head_only_parameters(self.model, self.timm_name, side):
+                self.model.get_parameter(name).requires_grad_(False)
 
     @property
     def arch(self) -> str:

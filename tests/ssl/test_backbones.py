@@ -170,3 +170,17 @@ def test_sync_batchnorm_keeps_timm_fused_activations():
     sync_acts = [type(m.act) for m in synced.modules() if isinstance(m, timm.layers.SyncBatchNormAct)]
     assert acts and sync_acts == acts
     assert not any(type(m) is torch.nn.BatchNorm2d for m in synced.modules())
+
+
+def test_dense_mode_freezes_what_only_the_pooled_head_uses():
+    # ConvNeXt normalises after pooling (head.norm): the dense map gives those weights no gradient, which
+    # DDP (find_unused_parameters off) would refuse. Every trainable parameter must get a gradient.
+    torch.manual_seed(0)
+    model = DenseCL("timm:test_convnext", dim=16, hidden_dim=32, queue_size=16)
+    frozen = [k for k, p in model.backbone.model.named_parameters() if not p.requires_grad]
+    assert frozen == ["head.norm.weight", "head.norm.bias"]
+    model(_batch(64))["loss"].backward()
+    assert all(p.grad is not None for p in model.query_encoder.parameters() if p.requires_grad)
+    assert set(trunk_weights(model.backbone)) >= {"head.norm.weight", "head.norm.bias"}  # still exported
+    pooled, _ = build_backbone("timm:test_convnext")
+    assert all(p.requires_grad for p in pooled.parameters())
