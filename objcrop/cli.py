@@ -7,6 +7,7 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Callable
 
 # Subcommand modules, in the order ``objcrop --help`` lists them.
 COMMANDS = [
@@ -35,6 +36,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error_message(err: OSError) -> str:
+    """``path: reason`` for an OSError that names a file (its ``str`` may lack the path)."""
+    if err.filename is None:
+        return str(err)
+    reason = err.strerror or str(err)
+    target = f" -> {err.filename2}" if err.filename2 is not None else ""
+    return f"{err.filename}{target}: {reason}"
+
+
+# What an expected failure of a subcommand becomes: (exception type, exit code, message). The first
+# matching row wins, so subclasses come before their bases. Bad input (a config or dataset error, a
+# path that is a file instead of a folder, a folder without permission) is exit code 2 with one line
+# naming the file; Ctrl-C is 130 like any shell command killed by SIGINT. Anything else is a bug and
+# keeps its traceback.
+EXIT_CODES: tuple[tuple[type[BaseException], int, Callable[[BaseException], str]], ...] = (
+    (KeyboardInterrupt, 130, lambda err: "interrupted"),
+    (OSError, 2, _os_error_message),  # FileNotFoundError, PermissionError, IsADirectoryError, ...
+    (ValueError, 2, str),  # ConfigError, StaleStoreError, ImageReadError, ... are ValueErrors
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -44,9 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"objcrop {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except BaseException as err:
+        for kind, code, message in EXIT_CODES:
+            if isinstance(err, kind):
+                print(f"objcrop {args.command}: error: {message(err)}", file=sys.stderr)
+                return code
+        raise
 
 
 if __name__ == "__main__":

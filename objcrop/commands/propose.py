@@ -9,13 +9,16 @@ Several machines (each writes its chunks into ``store/shards``; gather them in o
     objcrop propose ... --out store/ --shard 0/4      # machine 0 of 4, likewise 1/4, 2/4, 3/4
     objcrop propose --merge --format coco --annotations A.json --images DIR --out store/
 
-A killed run resumes when started again with the same arguments.
+Without ``--shard`` the shard comes from the launcher when there is one: a SLURM job array
+(``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``) or torchrun
+(``RANK`` of ``WORLD_SIZE``). A killed run resumes when started again with the same arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 import yaml
@@ -24,6 +27,8 @@ from objcrop.commands._args import add_dataset_args, records_from_args
 from objcrop.proposals.backends import GT, backend_names
 
 _MAX_LISTED_FAILURES = 20
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
@@ -50,11 +55,20 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="store folder to write")
     parser.add_argument("--topk", type=int, default=1000, help="proposals kept per image (0: all; default 1000)")
     parser.add_argument("--workers", type=int, default=1, help="processes running the backend (default 1)")
-    parser.add_argument("--shard", default="0/1", help="i/n: this machine does chunks c with c %% n == i (default 0/1)")
+    parser.add_argument(
+        "--shard",
+        help="i/n: this machine does chunks c with c %% n == i (default: from SLURM_ARRAY_TASK_ID/COUNT or "
+        "RANK/WORLD_SIZE when set, else 0/1)",
+    )
     parser.add_argument("--shard-size", type=int, default=256, help="images per chunk (default 256)")
     parser.add_argument("--decode-max-side", type=int, help="decode images with the longer side reduced to this")
     parser.add_argument("--merge", action="store_true", help="only join the chunks in --out into the store")
     parser.add_argument("--keep-shards", action="store_true", help="keep the chunk files after merging")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a different proposal store (or another build's chunks) that objcrop wrote in --out",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--json", action="store_true", help='print one JSON object {"images", "seconds", "img_per_s", "failed"}'
@@ -73,9 +87,22 @@ def parse_options(items: list[str]) -> dict:
     return options
 
 
+def shard_of(args: argparse.Namespace, environ=None) -> tuple[int, int]:
+    """``--shard`` when given, else the launcher's (SLURM array, torchrun), else ``(0, 1)``; logs which."""
+    from objcrop.proposals.builder import parse_shard, shard_from_env
+
+    if args.shard is not None:
+        shard, source = parse_shard(args.shard), "--shard"
+    else:
+        found = shard_from_env(environ)
+        shard, source = found if found is not None else ((0, 1), "default (no --shard, no launcher variables)")
+    log.info("shard %d/%d (from %s)", *shard, source)
+    return shard
+
+
 def run(args: argparse.Namespace) -> int:
-    from objcrop.proposals import ProposalStore, make_proposer
-    from objcrop.proposals.builder import build_store, merge_store, parse_shard
+    from objcrop.proposals import make_proposer
+    from objcrop.proposals.builder import build_store, merge_store, write_gt_store
 
     records = records_from_args(args)
     topk = args.topk if args.topk > 0 else None
@@ -87,16 +114,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.backend is None:
         raise ValueError("--backend is required (unless --merge)")
-    shard = parse_shard(args.shard)
 
     if args.backend == GT:
-        if shard != (0, 1) or args.model or args.opt:
+        if args.shard is not None or args.model or args.opt:
             raise ValueError("'gt' reads the annotations: it takes no --shard, --model or --opt")
-        store = ProposalStore.from_records(records, topk)
-        store.save(args.out)
-        summary = {"images": len(store), "seconds": 0.0, "img_per_s": 0.0, "failed": 0}
-        message = f"wrote GT store {args.out}: {len(store)} images, {len(store.boxes)} boxes"
+        wrote = write_gt_store(records, args.out, topk, overwrite=args.overwrite)
+        summary = {"images": len(records) if wrote else 0, "seconds": 0.0, "img_per_s": 0.0, "failed": 0}
+        done = "wrote GT store" if wrote else "GT store already complete:"
+        message = f"{done} {args.out}: {len(records)} images"
     else:
+        shard = shard_of(args)
         options = parse_options(args.opt)
         if args.model:
             options["model"] = args.model
@@ -112,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
             decode_max_side=args.decode_max_side,
             meta={"backend": args.backend, "params": options},
             progress=not args.no_progress,
+            overwrite=args.overwrite,
         )
         _report_failures(result.failed)
         summary = {
@@ -120,7 +148,11 @@ def run(args: argparse.Namespace) -> int:
             "img_per_s": round(result.img_per_s, 2),
             "failed": len(result.failed),
         }
-        done = f"wrote {args.out}" if result.merged else f"wrote chunks of shard {args.shard} into {args.out}/shards"
+        done = (
+            f"wrote {args.out}"
+            if result.merged
+            else f"wrote chunks of shard {shard[0]}/{shard[1]} into {args.out}/shards"
+        )
         message = (
             f"{done}: {result.images} images in {result.seconds:.1f} s ({result.img_per_s:.1f} img/s), "
             f"{result.skipped} done before, {len(result.failed)} failed"

@@ -22,9 +22,10 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import shutil
 import sys
 import time
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -38,12 +39,23 @@ from tqdm import tqdm
 from objcrop import boxes as B
 from objcrop.data.images import ImageReadError, load_image
 from objcrop.io import write_bytes_atomic
+from objcrop.proposals.ownership import (
+    BUILD_FILE,
+    SHARDS_DIR,
+    claim_folder,
+    folder_lock,
+    read_objcrop_json,
+    remove_files,
+    remove_store_files,
+)
 from objcrop.proposals.store import (
     FORMAT_VERSION,
     META_FILE,
+    CorruptStoreError,
     ProposalStore,
     StaleStoreError,
     atomic_npy,
+    check_proposal_arrays,
     dataset_fingerprint,
     mark_incomplete,
     save_index,
@@ -57,18 +69,18 @@ __all__ = [
     "BuildAbortedError",
     "build_store",
     "merge_store",
+    "write_gt_store",
     "propose_image",
     "finalize_proposals",
     "decode_for_proposals",
     "parse_shard",
+    "shard_from_env",
 ]
 
 log = logging.getLogger(__name__)
 
 Proposer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
-SHARDS_DIR = "shards"
-BUILD_FILE = "build.json"
 _BATCH = 4  # images per task sent to a worker
 # When the first this-many images of a run all fail, the setup is wrong (wrong image folder, a
 # proposer that always raises) and the build stops instead of writing an empty store.
@@ -117,6 +129,43 @@ def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
     if n < 1 or not 0 <= i < n:
         raise ValueError(f"shard {i}/{n} is invalid: need 0 <= i < n")
     return i, n
+
+
+def _env_int(environ, name: str) -> int:
+    try:
+        return int(environ[name])
+    except ValueError:
+        raise ValueError(f"environment variable {name}={environ[name]!r} is not an integer") from None
+
+
+def shard_from_env(environ=None) -> tuple[tuple[int, int], str] | None:
+    """The shard a cluster launcher gives this process, and which variables said so.
+
+    A SLURM job array (``SLURM_ARRAY_TASK_ID`` of ``SLURM_ARRAY_TASK_COUNT`` tasks, counted from
+    ``SLURM_ARRAY_TASK_MIN`` when set, as in ``--array=1-8``) comes first, then torchrun and other
+    launchers (``RANK`` of ``WORLD_SIZE``).
+
+    Returns:
+        ``((i, n), source)``, or None when neither is set.
+
+    Raises:
+        ValueError: The variables are not integers or give no valid shard (named).
+    """
+    environ = os.environ if environ is None else environ
+    if "SLURM_ARRAY_TASK_ID" in environ and "SLURM_ARRAY_TASK_COUNT" in environ:
+        task, count = _env_int(environ, "SLURM_ARRAY_TASK_ID"), _env_int(environ, "SLURM_ARRAY_TASK_COUNT")
+        low = _env_int(environ, "SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in environ else 0
+        source = "SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT"
+        shard = (task - low, count)
+    elif "RANK" in environ and "WORLD_SIZE" in environ:
+        shard, source = (_env_int(environ, "RANK"), _env_int(environ, "WORLD_SIZE")), "RANK of WORLD_SIZE"
+    else:
+        return None
+    try:
+        return _check_shard(shard), source
+    except ValueError as err:
+        # An array with a step (--array=0-15:2) numbers its tasks with gaps: say what to do.
+        raise ValueError(f"{err} (from {source}); pass --shard i/n explicitly") from None
 
 
 # ---------------------------------------------------------------------- one image
@@ -234,21 +283,43 @@ def _write_chunk(path: Path, start: int, results: list[tuple[np.ndarray, np.ndar
     write_bytes_atomic(path, buf.getvalue())
 
 
-def _read_chunk(path: Path, start: int, end: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Loads the arrays ``names`` of a chunk file (only those: npz members load lazily)."""
+# What np.load and the zip members of a damaged .npz raise (a zero-byte file: EOFError; a cut or
+# overwritten one: BadZipFile, zlib.error, ValueError).
+_CHUNK_READ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def _corrupt(path: Path, what: str) -> CorruptStoreError:
+    return CorruptStoreError(f"corrupt chunk {path}: {what}; delete it and re-run 'objcrop propose' to recompute it")
+
+
+def _read_chunk(path: Path, start: int, end: int, names: tuple[str, ...], sizes=None) -> dict:
+    """Loads and checks the arrays ``names`` of a chunk file (only those: npz members load lazily).
+
+    With ``"boxes"`` in ``names``, ``sizes`` (the ``[end - start, 2]`` image sizes) are needed to
+    check the boxes; ``"failed"`` comes back parsed as ``[(image index, reason), ...]``.
+
+    Raises:
+        CorruptStoreError: The file cannot be read or its arrays are inconsistent (named).
+    """
     try:
         with np.load(path, allow_pickle=False) as chunk:
             arrays = {name: chunk[name] for name in ("offsets", *names)}
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"corrupt chunk {path}: {err}; delete it and re-run 'objcrop propose'") from err
-    if len(arrays["offsets"]) != end - start + 1:
-        raise ValueError(f"corrupt chunk {path}: holds {len(arrays['offsets']) - 1} images, expected {end - start}")
+        offsets = arrays["offsets"]
+        if offsets.ndim != 1 or len(offsets) != end - start + 1:
+            raise _corrupt(path, f"holds {len(offsets) - 1} images, expected {end - start}")
+        if "failed" in names:
+            failed = json.loads(arrays["failed"].tobytes().decode("utf-8"))
+            arrays["failed"] = [(int(i), str(r)) for i, r in failed]
+            if not all(start <= i < end for i, _ in arrays["failed"]):
+                raise _corrupt(path, f"lists failed images outside {start}-{end - 1}")
+    except CorruptStoreError:
+        raise
+    except (*_CHUNK_READ_ERRORS, TypeError) as err:
+        raise _corrupt(path, f"{type(err).__name__}: {err}") from err
+    if "boxes" in names:
+        advice = "delete it and re-run 'objcrop propose' to recompute it"
+        check_proposal_arrays(arrays["boxes"], arrays["scores"], offsets, sizes, f"corrupt chunk {path}", "", advice)
     return arrays
-
-
-def _chunk_failures(path: Path, start: int, end: int) -> list[tuple[int, str]]:
-    failed = _read_chunk(path, start, end, ("failed",))["failed"]
-    return [(int(i), str(r)) for i, r in json.loads(failed.tobytes().decode("utf-8"))]
 
 
 # ---------------------------------------------------------------------- workers
@@ -312,7 +383,7 @@ def _run(
 # ---------------------------------------------------------------------- build and merge
 
 
-def _build_config(records, meta: dict, topk: int | None, decode_max_side: int | None, shard_size: int) -> dict:
+def _build_config(records, meta: dict, topk: int | None, decode_max_side: int | None, shard_size: int | None) -> dict:
     config = {
         "format_version": FORMAT_VERSION,
         "backend": meta.get("backend", "unknown"),
@@ -331,33 +402,61 @@ def _config_difference(old: dict, new: dict) -> str:
     return ", ".join(diff)
 
 
-def _claim_out_dir(out: Path, config: dict) -> bool:
-    """Checks that ``out`` is empty or holds this very build; returns True when its store is
-    already complete."""
-    meta_path = out / META_FILE
-    if meta_path.exists():
-        with open(meta_path, encoding="utf-8") as f:
-            old = json.load(f).get("build")
-        if old == config:
-            return True
+def _chunk_names(config: dict) -> list[str]:
+    """File names of every chunk of the build ``config``."""
+    n, size = int(config["images"]), int(config["shard_size"])
+    return [_chunk_name(*_chunk_bounds(c, n, size)) for c in range(-(-n // size))]
+
+
+def _claim_store(out: Path, config: dict, overwrite: bool) -> bool:
+    """Checks the finished store in ``out`` against ``config``: True when it is this very build;
+    a different one is refused, or removed with ``overwrite``."""
+    if not (out / META_FILE).exists():
+        return False
+    old = read_objcrop_json(out / META_FILE, ("format_version",))
+    if old is None:
+        raise ValueError(f"{out / META_FILE} is not the meta.json of an objcrop proposal store; choose another --out")
+    if old.get("build") == config:
+        return True
+    if not overwrite:
         raise ValueError(
-            f"{out} already holds a different proposal store ({_config_difference(old or {}, config)}); "
-            "choose another output folder or delete it"
+            f"{out} already holds a different proposal store ({_config_difference(old.get('build') or {}, config)}); "
+            "choose another output folder, or pass --overwrite to replace it"
         )
-    shards = out / SHARDS_DIR
-    shards.mkdir(parents=True, exist_ok=True)
-    build_path = shards / BUILD_FILE
-    if build_path.exists():
-        with open(build_path, encoding="utf-8") as f:
-            old = json.load(f)
-        if old != config:
-            raise ValueError(
-                f"{shards} holds chunks of a different build ({_config_difference(old, config)}); "
-                "use the same arguments to resume, or delete the folder to start over"
-            )
-    else:
-        write_json(build_path, config)
+    log.warning("%s: replacing the %s proposal store (--overwrite)", out, old.get("backend", "unknown"))
+    remove_store_files(out)
     return False
+
+
+def _claim_shards(out: Path, config: dict, overwrite: bool) -> None:
+    """Makes ``out/shards`` hold chunks of ``config``'s build: resumes the same build; another
+    build's chunks are refused, or removed with ``overwrite``."""
+    shards = out / SHARDS_DIR
+    build_path = shards / BUILD_FILE
+    if shards.is_dir():
+        old = read_objcrop_json(build_path, ("format_version", "dataset", "images", "shard_size"))
+        if old is None and os.listdir(shards):
+            raise ValueError(
+                f"{shards} was not made by objcrop (no valid {BUILD_FILE}); move it away or choose another --out"
+            )
+        if old is not None and old != config:
+            if not overwrite:
+                raise ValueError(
+                    f"{shards} holds chunks of a different build ({_config_difference(old, config)}); "
+                    "use the same arguments to resume, or pass --overwrite to start over"
+                )
+            log.warning("%s: removing the chunks of a different build (--overwrite)", shards)
+            remove_files(shards, [*_chunk_names(old), BUILD_FILE])
+    shards.mkdir(exist_ok=True)
+    if not build_path.exists():
+        write_json(build_path, config)
+
+
+def _check_done_chunks(shards: Path, chunks: list[tuple[int, int]]) -> None:
+    """Reads the offsets of finished chunks before a resumed build computes anything, so that a
+    damaged one is named now rather than after the rest of the work."""
+    for lo, hi in chunks:
+        _read_chunk(shards / _chunk_name(lo, hi), lo, hi, ())
 
 
 def build_store(
@@ -371,6 +470,7 @@ def build_store(
     decode_max_side: int | None = None,
     meta: dict | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> BuildResult:
     """Runs ``proposer`` over the images of ``records`` and writes the proposal store.
 
@@ -387,13 +487,16 @@ def build_store(
             stored boxes are still in original pixels.
         meta: ``{"backend": name, "params": {...}}`` recorded in the store (JSON-serializable).
         progress: Show a tqdm bar.
+        overwrite: Replace a different store (or another build's chunks) that objcrop wrote in
+            ``out_dir``; without it they are refused. Files objcrop did not write are always refused.
 
     Returns:
         A :class:`BuildResult`.
 
     Raises:
-        ValueError: ``out_dir`` holds another build, a chunk is corrupt, or
-            :class:`BuildAbortedError` when every one of the first images failed.
+        ValueError: ``out_dir`` holds another build or files objcrop did not write, a chunk is
+            corrupt, :class:`~objcrop.proposals.ownership.FolderLockedError` when another process
+            is writing it, or :class:`BuildAbortedError` when every one of the first images failed.
     """
     index, count = _check_shard(shard)
     if shard_size < 1:
@@ -401,18 +504,43 @@ def build_store(
     if topk is not None and topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
     meta = dict(meta or {"backend": type(proposer).__name__, "params": {}})
-    out = Path(out_dir)
     config = _build_config(records, meta, topk, decode_max_side, shard_size)
-    if _claim_out_dir(out, config):
-        log.info("%s is already complete", out)
-        store = ProposalStore.open(out, records)
-        failed = [(str(k), str(r)) for k, r in store.meta.get("failed", [])]
-        return BuildResult(0, 0.0, 0.0, failed, skipped=len(records), merged=True, out_dir=str(out))
+    out = claim_folder(out_dir)
+    with folder_lock(out, (index, count)):
+        if _claim_store(out, config, overwrite):
+            log.info("%s is already complete", out)
+            store = ProposalStore.open(out, records)
+            failed = [(str(k), str(r)) for k, r in store.meta.get("failed", [])]
+            return BuildResult(0, 0.0, 0.0, failed, skipped=len(records), merged=True, out_dir=str(out))
+        _claim_shards(out, config, overwrite)
+        result = _build_chunks(
+            records, proposer, out, (index, count), shard_size, workers, topk, decode_max_side, meta, progress
+        )
+        if count == 1:
+            _merge(out, records, keep_shards=False)
+            result.merged = True
+    return result
 
+
+def _build_chunks(
+    records,
+    proposer: Proposer,
+    out: Path,
+    shard: tuple[int, int],
+    shard_size: int,
+    workers: int,
+    topk: int | None,
+    decode_max_side: int | None,
+    meta: dict,
+    progress: bool,
+) -> BuildResult:
+    """Computes the missing chunks of this machine's shard into ``out/shards`` (see :func:`build_store`)."""
+    index, count = shard
     shards = out / SHARDS_DIR
     n = len(records)
     mine = [c for c in range(-(-n // shard_size)) if c % count == index]
     todo = [c for c in mine if not (shards / _chunk_name(*_chunk_bounds(c, n, shard_size))).exists()]
+    _check_done_chunks(shards, [_chunk_bounds(c, n, shard_size) for c in sorted(set(mine) - set(todo))])
     num_tasks = sum(hi - lo for c in todo for lo, hi in [_chunk_bounds(c, n, shard_size)])
     tasks = ((i, records.path(i), *records.size(i)) for c in todo for i in range(*_chunk_bounds(c, n, shard_size)))
     skipped = sum(hi - lo for c in set(mine) - set(todo) for lo, hi in [_chunk_bounds(c, n, shard_size)])
@@ -447,7 +575,8 @@ def build_store(
     failed = []
     for c in mine:
         lo, hi = _chunk_bounds(c, n, shard_size)
-        failed += [(records.key(i), reason) for i, reason in _chunk_failures(shards / _chunk_name(lo, hi), lo, hi)]
+        chunk = _read_chunk(shards / _chunk_name(lo, hi), lo, hi, ("failed",))
+        failed += [(records.key(i), reason) for i, reason in chunk["failed"]]
     result = BuildResult(
         images=done,
         seconds=seconds,
@@ -463,9 +592,6 @@ def build_store(
         result.img_per_s,
         len(failed),
     )
-    if count == 1:
-        merge_store(out, records)
-        result.merged = True
     return result
 
 
@@ -476,7 +602,8 @@ def merge_store(out_dir: str | os.PathLike, records, keep_shards: bool = False) 
         out_dir: The folder every machine's chunks were gathered in.
         records: The dataset the chunks were built for.
         keep_shards: Keep the chunk files after the store is complete (by default they are
-            deleted, as they hold the same boxes again).
+            deleted, as they hold the same boxes again; only the chunk files of this build and
+            its ``build.json`` are deleted, anything else in ``shards/`` is kept).
 
     Returns:
         The opened store.
@@ -484,15 +611,23 @@ def merge_store(out_dir: str | os.PathLike, records, keep_shards: bool = False) 
     Raises:
         FileNotFoundError: ``out_dir`` has no chunks.
         StaleStoreError: The chunks were built for another dataset.
-        ValueError: Chunks are missing (all are named) or corrupt.
+        ValueError: Chunks are missing (all are named) or corrupt, or another process is writing
+            the folder (:class:`~objcrop.proposals.ownership.FolderLockedError`).
     """
     out = Path(out_dir)
-    shards = out / SHARDS_DIR
-    build_path = shards / BUILD_FILE
+    build_path = out / SHARDS_DIR / BUILD_FILE
     if not build_path.exists():
         raise FileNotFoundError(f"{out} holds no proposal chunks ({build_path} is missing); run 'objcrop propose'")
-    with open(build_path, encoding="utf-8") as f:
-        config = json.load(f)
+    claim_folder(out)
+    with folder_lock(out):
+        return _merge(out, records, keep_shards)
+
+
+def _merge(out: Path, records, keep_shards: bool) -> ProposalStore:
+    shards = out / SHARDS_DIR
+    config = read_objcrop_json(shards / BUILD_FILE, ("format_version", "dataset", "images", "shard_size"))
+    if config is None:
+        raise ValueError(f"{shards / BUILD_FILE} is not a build description written by objcrop propose")
     n, shard_size = config["images"], config["shard_size"]
     if n != len(records) or config["dataset"] != dataset_fingerprint(records.keys(), records.widths, records.heights):
         raise StaleStoreError(f"the chunks in {shards} were built for other images than this dataset's {len(records)}")
@@ -507,12 +642,13 @@ def merge_store(out_dir: str | os.PathLike, records, keep_shards: bool = False) 
             "Chunk c is made by the machine run with --shard c%n/n; run those parts, then merge again"
         )
 
+    sizes = np.stack([records.widths, records.heights], 1)
     counts = np.zeros(n, dtype=np.int64)
     failed = []
     for lo, hi in chunks:
         chunk = _read_chunk(shards / _chunk_name(lo, hi), lo, hi, ("failed",))
         counts[lo:hi] = np.diff(chunk["offsets"])
-        failed += [(records.key(int(i)), str(r)) for i, r in json.loads(chunk["failed"].tobytes().decode("utf-8"))]
+        failed += [(records.key(i), reason) for i, reason in chunk["failed"]]
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
 
@@ -523,12 +659,12 @@ def merge_store(out_dir: str | os.PathLike, records, keep_shards: bool = False) 
         atomic_npy(out / "scores.npy", (total,), np.float32) as scores,
     ):
         for lo, hi in chunks:
-            chunk = _read_chunk(shards / _chunk_name(lo, hi), lo, hi, ("boxes", "scores"))
+            chunk = _read_chunk(shards / _chunk_name(lo, hi), lo, hi, ("boxes", "scores"), sizes[lo:hi])
             if not np.array_equal(np.diff(chunk["offsets"]), counts[lo:hi]):
                 raise ValueError(f"chunk {_chunk_name(lo, hi)} changed while merging; merge again")
             boxes[offsets[lo] : offsets[hi]] = chunk["boxes"]
             scores[offsets[lo] : offsets[hi]] = chunk["scores"]
-    save_index(out, offsets, records.keys(), np.stack([records.widths, records.heights], 1), records.image_ids)
+    save_index(out, offsets, records.keys(), sizes, records.image_ids)
     meta = {
         "backend": config["backend"],
         "params": config["params"],
@@ -538,6 +674,38 @@ def merge_store(out_dir: str | os.PathLike, records, keep_shards: bool = False) 
     }
     save_meta(out, meta, offsets)
     if not keep_shards:
-        shutil.rmtree(shards)
+        _remove_chunks(shards, config)
     log.info("merged %d chunks into %s: %d images, %d boxes, %d failed", len(chunks), out, n, total, len(failed))
     return ProposalStore.open(out, records)
+
+
+def _remove_chunks(shards: Path, config: dict) -> None:
+    """Deletes the chunk files of the build ``config`` and its build.json, then ``shards/`` if
+    that left it empty; anything else in it is kept and named."""
+    remove_files(shards, [*_chunk_names(config), BUILD_FILE])
+    left = sorted(os.listdir(shards))
+    if left:
+        log.warning("%s: kept %d files objcrop did not write (%s)", shards, len(left), ", ".join(left[:5]))
+    else:
+        shards.rmdir()
+
+
+def write_gt_store(records, out_dir: str | os.PathLike, topk: int | None = None, overwrite: bool = False) -> bool:
+    """Writes the ground-truth boxes of ``records`` as a store (see
+    :meth:`ProposalStore.from_records`), with the same folder rules as :func:`build_store`.
+
+    Returns:
+        False when ``out_dir`` already held this very store (nothing was written), else True.
+
+    Raises:
+        ValueError: ``out_dir`` holds a different store (without ``overwrite``), files objcrop did
+            not write, or another process is writing it.
+    """
+    config = _build_config(records, {"backend": "gt", "params": {"topk": topk}}, topk, None, None)
+    out = claim_folder(out_dir)
+    with folder_lock(out):
+        if _claim_store(out, config, overwrite):
+            ProposalStore.open(out, records)
+            return False
+        ProposalStore.from_records(records, topk).save(out, meta={"build": config})
+    return True

@@ -34,11 +34,14 @@ from objcrop.proposals.gt import gt_proposals
 __all__ = [
     "FORMAT_VERSION",
     "META_FILE",
+    "STORE_FILES",
+    "CorruptStoreError",
     "IncompleteStoreError",
     "StaleStoreError",
     "ProposalStore",
     "StoreKeys",
     "atomic_npy",
+    "check_proposal_arrays",
     "save_npy",
     "write_json",
     "dataset_fingerprint",
@@ -50,10 +53,29 @@ __all__ = [
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 _ARRAYS = ("boxes", "scores", "offsets", "image_ids", "sizes", "key_blob", "key_offsets")
+STORE_FILES = (*(f"{name}.npy" for name in _ARRAYS), META_FILE)
+# dtype and number of dimensions of each array file: a store is mapped, never converted.
+_LAYOUT = {
+    "boxes": (np.float32, 2),
+    "scores": (np.float32, 1),
+    "offsets": (np.int64, 1),
+    "image_ids": (np.int64, 1),
+    "sizes": (np.int32, 2),
+    "key_blob": (np.uint8, 1),
+    "key_offsets": (np.int64, 1),
+}
+# Boxes may reach this far past their image's border (float rounding of other writers); anything
+# further is a damaged store, not a rounding.
+BOX_SLACK = 1.0
+_CHECK_ROWS = 1 << 20  # boxes checked per block on open (16 MiB of boxes, 32 MiB as float64)
 
 
 class StaleStoreError(ValueError):
     """The store was built for other images (count, keys or sizes differ from the dataset)."""
+
+
+class CorruptStoreError(ValueError):
+    """A store or chunk file that cannot be read or holds impossible values (the message names the file)."""
 
 
 class IncompleteStoreError(ValueError):
@@ -106,6 +128,69 @@ def dataset_fingerprint(keys: Sequence[str], widths, heights) -> str:
     for arr in (blob, offsets, np.asarray(widths, np.int64), np.asarray(heights, np.int64)):
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()
+
+
+def check_proposal_arrays(
+    boxes, scores, offsets, sizes, where: str, suffix: str = ".npy", advice: str = "rebuild it with 'objcrop propose'"
+) -> None:
+    """Checks that proposal arrays are usable, block by block (memory maps stay cheap).
+
+    ``offsets`` must partition ``boxes`` and ``scores`` over the ``len(sizes)`` images, sizes must
+    be positive, and every box finite, ordered (``x2 >= x1``, ``y2 >= y1``) and inside its image
+    (up to :data:`BOX_SLACK` pixels), every score finite.
+
+    Args:
+        boxes: ``[N, 4]`` xyxy boxes.
+        scores: ``[N]`` scores.
+        offsets: ``[images + 1]`` offsets.
+        sizes: ``[images, 2]`` (width, height).
+        where: Start of the message ("proposal store DIR", "corrupt chunk FILE").
+        suffix: Appended to an array's name to name its file (".npy" in a store, "" in a chunk).
+        advice: What the message tells the user to do.
+
+    Raises:
+        CorruptStoreError: The first problem found, naming ``where``, the array and the row.
+    """
+    n = len(sizes)
+
+    def fail(name: str, what: str) -> CorruptStoreError:
+        return CorruptStoreError(f"{where}: {name}{suffix} {what}; {advice}")
+
+    if np.ndim(offsets) != 1 or len(offsets) != n + 1:
+        raise fail("offsets", f"has {np.shape(offsets)} entries for {n} images (want {n + 1})")
+    if np.shape(boxes)[1:] != (4,) or np.ndim(scores) != 1:
+        raise fail("boxes", f"has shape {np.shape(boxes)} (want [N, 4]; scores [N], got {np.shape(scores)})")
+    steps = np.diff(offsets)
+    if offsets[0] != 0 or (steps < 0).any():
+        i = int(np.argmax(steps < 0)) if offsets[0] == 0 else 0
+        raise fail("offsets", f"are not increasing from 0 (image {i}: {offsets[i]} to {offsets[i + 1]})")
+    if offsets[-1] != len(boxes) or len(scores) != len(boxes):
+        raise fail("offsets", f"end at {offsets[-1]} for {len(boxes)} boxes and {len(scores)} scores")
+    sizes = np.asarray(sizes)
+    if sizes.shape != (n, 2) or (sizes < 1).any():
+        i = int(np.argmax((sizes < 1).any(axis=1))) if sizes.shape == (n, 2) else 0
+        raise fail("sizes", f"hold a size that is not positive (image {i}: {sizes[i].tolist()})")
+    for start in range(0, len(boxes), _CHECK_ROWS):
+        stop = min(start + _CHECK_ROWS, len(boxes))
+        first = int(np.searchsorted(offsets, start, side="right")) - 1
+        last = int(np.searchsorted(offsets, stop - 1, side="right")) - 1
+        rows_per_image = np.diff(np.clip(offsets[first : last + 2], start, stop))
+        w, h = (np.repeat(sizes[first : last + 1, k], rows_per_image).astype(np.float64) for k in (0, 1))
+        b, sc = np.asarray(boxes[start:stop], np.float64), np.asarray(scores[start:stop])
+        finite = np.isfinite(b).all(axis=1) & np.isfinite(sc)
+        ordered = (b[:, 2] >= b[:, 0]) & (b[:, 3] >= b[:, 1])
+        inside = (b[:, :2] >= -BOX_SLACK).all(axis=1) & (b[:, 2] <= w + BOX_SLACK) & (b[:, 3] <= h + BOX_SLACK)
+        bad = ~(finite & ordered & inside)
+        if bad.any():
+            r = int(np.argmax(bad))
+            row, image = start + r, int(np.searchsorted(offsets, start + r, side="right")) - 1
+            if not finite[r]:
+                reason = "is not finite"
+            elif not ordered[r]:
+                reason = "has x2 < x1 or y2 < y1"
+            else:
+                reason = f"lies outside its {int(w[r])}x{int(h[r])} image"
+            raise fail("boxes", f"row {row} (image {image}): box {b[r].tolist()} score {float(sc[r])} {reason}")
 
 
 class StoreKeys(Sequence):
@@ -261,17 +346,21 @@ class ProposalStore:
     # ------------------------------------------------------------------ io
 
     @classmethod
-    def open(cls, folder: str | os.PathLike, records=None) -> ProposalStore:
-        """Maps a store folder read-only.
+    def open(cls, folder: str | os.PathLike, records=None, check: bool = True) -> ProposalStore:
+        """Maps a store folder read-only and checks its arrays (:func:`check_proposal_arrays`:
+        one pass over the boxes, block by block).
 
         Args:
             folder: A folder written by :meth:`save` or ``objcrop propose``.
             records: When given, the dataset the store must match (see :meth:`check_matches`).
+            check: Check the values of the boxes, scores, offsets and sizes (off only where the same
+                store was checked already, as when a DataLoader worker unpickles it).
 
         Raises:
             FileNotFoundError: ``folder`` or one of its arrays does not exist.
             IncompleteStoreError: The folder has no ``meta.json`` (unfinished build).
             StaleStoreError: The store does not match ``records``.
+            CorruptStoreError: A file cannot be read or holds impossible values (named).
         """
         folder = Path(folder)
         if not folder.is_dir():
@@ -283,26 +372,30 @@ class ProposalStore:
                 f"proposal store {folder} is incomplete: no {META_FILE}{hint}; "
                 "re-run 'objcrop propose' with the same arguments to finish it"
             )
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-        if meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-            raise ValueError(f"proposal store {folder} has format {meta['format_version']}, newer than this objcrop")
-        arrays = {}
-        for name in _ARRAYS:
-            path = folder / f"{name}.npy"
-            if not path.exists():
-                raise FileNotFoundError(f"proposal store {folder} lacks {path.name}")
-            arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
-        store = cls(
-            boxes=arrays["boxes"],
-            scores=arrays["scores"],
-            offsets=arrays["offsets"],
-            keys=StoreKeys(arrays["key_blob"], arrays["key_offsets"]),
-            sizes=arrays["sizes"],
-            image_ids=arrays["image_ids"],
-            meta=meta,
-            folder=folder,
-        )
+        meta = _read_meta(meta_path)
+        arrays = {name: _map_array(folder, name) for name in _ARRAYS}
+        _check_keys(folder, arrays["key_blob"], arrays["key_offsets"])
+        n = len(arrays["key_offsets"]) - 1
+        for name, shape in (("image_ids", (n,)), ("sizes", (n, 2))):
+            if arrays[name].shape != shape:
+                shape_now = arrays[name].shape
+                raise CorruptStoreError(f"proposal store {folder}: {name}.npy has shape {shape_now}, want {shape}")
+        if check:
+            where = f"proposal store {folder}"
+            check_proposal_arrays(arrays["boxes"], arrays["scores"], arrays["offsets"], arrays["sizes"], where)
+        try:
+            store = cls(
+                boxes=arrays["boxes"],
+                scores=arrays["scores"],
+                offsets=arrays["offsets"],
+                keys=StoreKeys(arrays["key_blob"], arrays["key_offsets"]),
+                sizes=arrays["sizes"],
+                image_ids=arrays["image_ids"],
+                meta=meta,
+                folder=folder,
+            )
+        except ValueError as err:
+            raise CorruptStoreError(str(err)) from err
         if records is not None:
             store.check_matches(records)
         return store
@@ -342,8 +435,46 @@ class ProposalStore:
 
     def __setstate__(self, state: dict) -> None:
         if set(state) == {"folder"}:
-            state = ProposalStore.open(state["folder"]).__dict__
+            state = ProposalStore.open(state["folder"], check=False).__dict__
         self.__dict__.update(state)
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptStoreError(f"proposal store {path.parent}: {path.name} is not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise CorruptStoreError(f"proposal store {path.parent}: {path.name} holds no JSON object")
+    version = meta.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"proposal store {path.parent} has format {version!r}, newer than this objcrop")
+    return meta
+
+
+def _map_array(folder: Path, name: str) -> np.ndarray:
+    """Maps ``folder/name.npy`` read-only, checking its dtype and number of dimensions."""
+    path = folder / f"{name}.npy"
+    if not path.exists():
+        raise FileNotFoundError(f"proposal store {folder} lacks {path.name}")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        where = f"proposal store {folder}: {path.name}"
+        raise CorruptStoreError(f"{where} cannot be read ({err}); rebuild the store") from err
+    dtype, ndim = _LAYOUT[name]
+    if array.dtype != dtype or array.ndim != ndim:
+        raise CorruptStoreError(
+            f"proposal store {folder}: {path.name} holds {array.dtype} with {array.ndim} dimensions, "
+            f"want {np.dtype(dtype)} with {ndim}"
+        )
+    return array
+
+
+def _check_keys(folder: Path, blob: np.ndarray, offsets: np.ndarray) -> None:
+    if len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(blob) or (np.diff(offsets) < 0).any():
+        raise CorruptStoreError(f"proposal store {folder}: key_offsets.npy does not partition key_blob.npy")
 
 
 def mark_incomplete(folder: str | os.PathLike) -> None:

@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ from objcrop.proposals.builder import (
     merge_store,
     parse_shard,
     propose_image,
+    shard_from_env,
 )
 from objcrop.proposals.random_boxes import RandomBoxProposer
 
@@ -311,3 +313,219 @@ def test_a_crashed_worker_stops_the_build_instead_of_hanging(dataset, tmp_path):
     with pytest.raises(BuildAbortedError, match="worker process died"):
         build_store(dataset, Crashing(), tmp_path / "s", workers=2, shard_size=2, progress=False)
     assert not (tmp_path / "s" / "meta.json").exists()
+
+
+# ------------------------------------------------------------------ what objcrop may delete or replace
+
+
+def test_propose_refuses_a_shards_folder_it_did_not_make(tmp_path, capsys):
+    ann, images = write_coco(tmp_path)
+    out = tmp_path / "out"
+    (out / "shards").mkdir(parents=True)
+    (out / "shards" / "my-notes.txt").write_text("mine")
+    data = ["--format", "coco", "--annotations", str(ann), "--images", str(images), "--out", str(out)]
+    assert main(["propose", "--backend", "random", *data, "--no-progress"]) == 2
+    assert f"{out / 'shards'} was not written by objcrop" in capsys.readouterr().err
+    assert (out / "shards" / "my-notes.txt").read_text() == "mine" and not (out / "meta.json").exists()
+
+
+def test_merge_deletes_only_the_chunks_it_wrote(dataset, tmp_path, caplog):
+    proposer = RandomBoxProposer(n=4)
+    build_store(dataset, proposer, tmp_path / "s", shard=(0, 2), shard_size=2, progress=False)
+    (tmp_path / "s" / "shards" / "notes.txt").write_text("mine")  # dropped in by the user meanwhile
+    build_store(dataset, proposer, tmp_path / "s", shard=(1, 2), shard_size=2, progress=False)
+    merge_store(tmp_path / "s", dataset)
+    assert sorted(os.listdir(tmp_path / "s" / "shards")) == ["notes.txt"]
+    assert "kept 1 files objcrop did not write (notes.txt)" in caplog.text
+    assert len(ProposalStore.open(tmp_path / "s", dataset)) == len(dataset)
+
+
+def test_every_backend_refuses_a_different_store_and_overwrite_replaces_it(tmp_path, capsys):
+    ann, images = write_coco(tmp_path)
+    data = ["--format", "coco", "--annotations", str(ann), "--images", str(images), "--out", str(tmp_path / "s")]
+    random_run = ["propose", "--backend", "random", "--opt", "n=3", *data, "--no-progress"]
+    assert main(random_run) == 0
+    assert main(["propose", "--backend", "gt", *data]) == 2
+    assert "already holds a different proposal store (backend 'random' vs 'gt'" in capsys.readouterr().err
+    assert ProposalStore.open(tmp_path / "s").meta["backend"] == "random"
+
+    assert main(["propose", "--backend", "gt", *data, "--overwrite"]) == 0
+    gt = ProposalStore.open(tmp_path / "s")
+    assert gt.meta["backend"] == "gt" and len(gt.boxes) == 2
+    assert main(["propose", "--backend", "gt", *data]) == 0  # the same store again: nothing to do
+    assert "already complete" in capsys.readouterr().out
+
+    assert main(random_run) == 2
+    assert "already holds a different proposal store" in capsys.readouterr().err
+    assert main([*random_run, "--overwrite"]) == 0
+    assert ProposalStore.open(tmp_path / "s").meta["backend"] == "random"
+
+
+def test_overwrite_never_replaces_files_objcrop_did_not_write(tmp_path, capsys):
+    ann, images = write_coco(tmp_path)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "boxes.npy").write_bytes(b"someone else's array")
+    data = ["--format", "coco", "--annotations", str(ann), "--images", str(images), "--out", str(tmp_path / "s")]
+    for backend in ("gt", "random"):
+        assert main(["propose", "--backend", backend, *data, "--overwrite", "--no-progress"]) == 2
+        assert "boxes.npy was not written by objcrop" in capsys.readouterr().err
+    assert (tmp_path / "s" / "boxes.npy").read_bytes() == b"someone else's array"
+
+
+def test_overwrite_removes_the_chunks_of_a_different_build(dataset, tmp_path):
+    build_store(dataset, RandomBoxProposer(n=4), tmp_path / "s", shard=(0, 2), shard_size=2, progress=False)
+    with pytest.raises(ValueError, match="holds chunks of a different build .*--overwrite"):
+        build_store(dataset, RandomBoxProposer(n=4), tmp_path / "s", topk=2, shard_size=3, progress=False)
+    build_store(dataset, RandomBoxProposer(n=4), tmp_path / "s", topk=2, shard_size=3, progress=False, overwrite=True)
+    assert ProposalStore.open(tmp_path / "s", dataset).counts().tolist() == [2] * len(dataset)
+    assert not (tmp_path / "s" / "shards").exists()
+
+
+# ------------------------------------------------------------------ two runs into one folder
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(dataset, tmp_path):
+    script = tmp_path / "build.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"keys": dataset.keys(), "sizes": SIZES, "root": dataset.root}))
+    out, calls = tmp_path / "s", tmp_path / "calls"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script), str(spec), str(out), str(calls), "0.3"], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not calls.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the first run ended before the second could start"
+        second = Counting()
+        with pytest.raises(ValueError, match=rf"another objcrop propose \(pid {proc.pid}\) is writing {out}"):
+            build_store(dataset, second, out, shard_size=2, progress=False)
+        assert second.calls == 0
+    finally:
+        proc.wait(timeout=120)
+    assert proc.returncode == 0 and len(calls.read_text()) == len(dataset)  # the first run did all, once
+    build_store(dataset, Counting(), out, shard_size=2, progress=False)  # free again once it ended
+
+
+class Counting:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, image):
+        self.calls += 1
+        return RandomBoxProposer(n=9)(image)
+
+
+# ------------------------------------------------------------------ damaged chunks
+
+
+RANDOM = {"backend": "random", "params": {"n": 4}}
+
+
+def _half_built(dataset, tmp_path):
+    build_store(
+        dataset, RandomBoxProposer(n=4), tmp_path / "s", shard=(0, 2), shard_size=2, meta=RANDOM, progress=False
+    )
+    chunks = sorted((tmp_path / "s" / "shards").glob("*.npz"))
+    assert len(chunks) == 2
+    return chunks
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [(b"", "EOFError"), (b"PK\x03\x04 cut off", "BadZipFile"), (b"\x00" * 64, "ValueError")],
+)
+def test_a_damaged_chunk_is_named_on_resume_before_any_work(dataset, tmp_path, damage, reason):
+    chunks = _half_built(dataset, tmp_path)
+    chunks[1].write_bytes(damage)
+    proposer = Counting()
+    with pytest.raises(ValueError, match=rf"corrupt chunk {chunks[1]}: {reason}.*delete it and re-run") as info:
+        build_store(dataset, proposer, tmp_path / "s", shard=(0, 2), shard_size=2, meta=RANDOM, progress=False)
+    assert proposer.calls == 0 and "Traceback" not in str(info.value)
+    chunks[1].unlink()  # as the message says: the chunk is recomputed
+    build_store(dataset, proposer, tmp_path / "s", shard=(0, 2), shard_size=2, meta=RANDOM, progress=False)
+    assert proposer.calls == 2
+
+
+def test_a_damaged_chunk_is_named_by_merge(tmp_path, capsys):
+    ann, images = write_coco(tmp_path)
+    data = ["--format", "coco", "--annotations", str(ann), "--images", str(images), "--out", str(tmp_path / "s")]
+    for i in range(2):
+        assert main(["propose", "--backend", "random", *data, "--shard-size", "1", "--shard", f"{i}/2"]) == 0
+    chunk = tmp_path / "s" / "shards" / "000000001-000000002.npz"
+    chunk.write_bytes(chunk.read_bytes()[:100])  # a copy cut short
+    assert main(["propose", "--merge", *data]) == 2
+    err = capsys.readouterr().err
+    assert f"corrupt chunk {chunk}" in err and "Traceback" not in err
+    assert not (tmp_path / "s" / "meta.json").exists()
+
+
+def test_a_chunk_with_impossible_boxes_is_named_by_merge(dataset, tmp_path):
+    chunks = _half_built(dataset, tmp_path)
+    build_store(
+        dataset, RandomBoxProposer(n=4), tmp_path / "s", shard=(1, 2), shard_size=2, meta=RANDOM, progress=False
+    )
+    with np.load(chunks[0]) as z:
+        arrays = dict(z)
+    arrays["boxes"][3] = [5, 5, 1, 1]
+    np.savez(chunks[0], **arrays)
+    with pytest.raises(ValueError, match=rf"corrupt chunk {chunks[0]}: boxes row 3 \(image 0\).*x2 < x1"):
+        merge_store(tmp_path / "s", dataset)
+
+
+# ------------------------------------------------------------------ shards from the cluster launcher
+
+
+@pytest.mark.parametrize(
+    ("env", "shard"),
+    [
+        ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "3"}, (2, 3)),
+        ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"}, (2, 3)),
+        ({"RANK": "1", "WORLD_SIZE": "4"}, (1, 4)),
+        ({"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "2", "RANK": "3", "WORLD_SIZE": "4"}, (0, 2)),
+    ],
+)
+def test_shard_from_env(env, shard):
+    assert shard_from_env(env)[0] == shard
+    assert shard_from_env({}) is None
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "3"}, "SLURM_ARRAY_TASK_ID='x' is not an integer"),
+        ({"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "3"}, r"shard 4/3 is invalid.*pass --shard"),
+    ],
+)
+def test_shard_from_env_errors_name_the_variable(env, message):
+    with pytest.raises(ValueError, match=message):
+        shard_from_env(env)
+
+
+def test_three_slurm_array_tasks_and_a_merge_equal_one_process(tmp_path, monkeypatch, caplog):
+    names = write_images(tmp_path / "images")
+    data = ["--format", "folder", "--images", str(tmp_path / "images")]
+    common = ["--backend", "random", "--opt", "n=5", "--opt", "seed=3", *data, "--shard-size", "2", "--no-progress"]
+    for var in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["propose", *common, "--out", str(tmp_path / "single")]) == 0
+
+    for task in (1, 2, 3):  # sbatch --array=1-3
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task))
+        monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+        monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+        with caplog.at_level(logging.INFO, logger="objcrop"):
+            assert main(["propose", *common, "--out", str(tmp_path / "array")]) == 0
+        assert f"shard {task - 1}/3 (from SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN" in caplog.text
+        assert not (tmp_path / "array" / "meta.json").exists()
+    assert len(list((tmp_path / "array" / "shards").glob("*.npz"))) == 4
+    assert main(["propose", "--merge", *data, "--out", str(tmp_path / "array")]) == 0
+
+    single, merged = ProposalStore.open(tmp_path / "single"), ProposalStore.open(tmp_path / "array")
+    assert len(single) == len(names) and list(merged.keys) == list(single.keys)
+    assert_same_store(merged, single)
+    np.testing.assert_array_equal(merged.image_ids, single.image_ids)
+
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")  # an explicit --shard wins over the launcher
+    assert main(["propose", *common, "--out", str(tmp_path / "explicit"), "--shard", "0/2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "explicit" / "shards").glob("*.npz"))[0] == "000000000-000000002.npz"

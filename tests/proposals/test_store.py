@@ -6,7 +6,8 @@ import pytest
 
 from objcrop.data.records import Record, Records
 from objcrop.proposals import IncompleteStoreError, ProposalStore, StaleStoreError, open_proposals
-from objcrop.proposals.store import META_FILE
+from objcrop.proposals import store as store_module
+from objcrop.proposals.store import META_FILE, CorruptStoreError, check_proposal_arrays
 
 
 def make_records(sizes=((64, 48), (32, 32), (80, 40)), keys=None) -> Records:
@@ -29,8 +30,8 @@ def make_store(records: Records) -> ProposalStore:
     rng = np.random.default_rng(0)
     counts = [5, 0, 3][: len(records)]
     offsets = np.concatenate([[0], np.cumsum(counts)])
-    boxes = rng.uniform(0, 30, size=(offsets[-1], 4)).astype(np.float32)
-    boxes[:, 2:] += boxes[:, :2]
+    boxes = rng.uniform(0, 15, size=(offsets[-1], 4)).astype(np.float32)
+    boxes[:, 2:] += boxes[:, :2]  # inside every image (the smallest is 32 px)
     scores = rng.uniform(size=offsets[-1]).astype(np.float32)
     meta = {"backend": "test", "params": {"k": 1}}
     sizes = np.stack([records.widths, records.heights], axis=1)
@@ -167,3 +168,88 @@ def test_saving_over_a_store_replaces_it(tmp_path):
     ProposalStore.from_records(records).save(tmp_path / "s")
     back = ProposalStore.open(tmp_path / "s", records)
     assert back.meta["backend"] == "gt" and len(back.boxes) == 9
+
+
+def _damage(folder, name, change):
+    array = np.load(folder / f"{name}.npy")
+    np.save(folder / f"{name}.npy", change(array))
+
+
+def _set(index, value):
+    def change(array):
+        array = array.copy()
+        array[index] = value
+        return array
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "message"),
+    [
+        ("boxes", _set((1, 0), np.nan), r"boxes.npy row 1 \(image 0\): box \[nan, .* is not finite"),
+        ("boxes", _set((6, 3), np.inf), r"boxes.npy row 6 \(image 2\).* is not finite"),
+        ("scores", _set(2, np.nan), r"boxes.npy row 2 \(image 0\).*score nan is not finite"),
+        ("boxes", _set(0, [9, 9, 3, 12]), r"boxes.npy row 0 \(image 0\).*x2 < x1"),
+        ("boxes", _set(5, [0, 0, 90, 10]), r"boxes.npy row 5 \(image 2\).*outside its 80x40 image"),
+        ("boxes", _set(5, [-1e9, 0, 5, 5]), r"row 5 \(image 2\).*outside its 80x40 image"),
+        ("offsets", _set(1, 6), r"offsets.npy are not increasing from 0 \(image 1: 6 to 5\)"),
+        ("offsets", _set(3, 7), r"offsets.npy end at 7 for 8 boxes and 8 scores"),
+        ("sizes", _set((1, 0), 0), r"sizes.npy hold a size that is not positive \(image 1: \[0, 32\]\)"),
+        ("boxes", lambda a: a.astype(np.float64), r"boxes.npy holds float64 with 2 dimensions, want float32"),
+        ("key_offsets", _set(3, 2), r"key_offsets.npy does not partition key_blob.npy"),
+        ("image_ids", lambda a: a[:2], r"image_ids.npy has shape \(2,\), want \(3,\)"),
+    ],
+)
+def test_impossible_values_are_refused_on_open_naming_the_file(tmp_path, name, change, message):
+    records = make_records()
+    make_store(records).save(tmp_path / "s")
+    _damage(tmp_path / "s", name, change)
+    with pytest.raises(CorruptStoreError, match=message) as info:
+        ProposalStore.open(tmp_path / "s", records)
+    assert str(tmp_path / "s") in str(info.value)
+    assert issubclass(CorruptStoreError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("boxes.npy", b"", r"boxes.npy cannot be read"),
+        ("offsets.npy", b"\x93NUMPY garbage", r"offsets.npy cannot be read"),
+        (META_FILE, b"{not json", r"meta.json is not valid JSON"),
+        (META_FILE, b"[1, 2]", r"meta.json holds no JSON object"),
+    ],
+)
+def test_unreadable_store_files_are_named(tmp_path, name, content, message):
+    records = make_records()
+    make_store(records).save(tmp_path / "s")
+    (tmp_path / "s" / name).write_bytes(content)
+    with pytest.raises(CorruptStoreError, match=message):
+        ProposalStore.open(tmp_path / "s")
+
+
+def test_boxes_on_the_border_and_within_the_slack_are_fine(tmp_path):
+    records = make_records()
+    store = make_store(records)
+    store.boxes[0] = [0, 0, 64, 48]  # the whole image
+    store.boxes[5] = [-0.5, 0, 80.5, 40.25]  # another writer's rounding
+    store.save(tmp_path / "s")
+    np.testing.assert_array_equal(ProposalStore.open(tmp_path / "s", records).boxes_of(0)[0], [0, 0, 64, 48])
+
+
+def test_check_proposal_arrays_goes_block_by_block(monkeypatch):
+    """A bad box in a later block, and an image whose boxes straddle two blocks."""
+    monkeypatch.setattr(store_module, "_CHECK_ROWS", 3)
+    sizes = np.array([[10, 10], [20, 5]])
+    offsets = np.array([0, 4, 8])
+    boxes = np.tile(np.array([[0, 0, 5, 5]], np.float32), (8, 1))
+    check_proposal_arrays(boxes, np.zeros(8, np.float32), offsets, sizes, "here")
+    boxes[3] = [0, 0, 5, 9]  # fine in image 0 (10 high), in the block of rows 3-5 that starts image 1
+    check_proposal_arrays(boxes, np.zeros(8, np.float32), offsets, sizes, "here")
+    boxes[4] = [0, 0, 5, 9]  # image 1 is only 5 high
+    with pytest.raises(CorruptStoreError, match=r"here: boxes.npy row 4 \(image 1\).*outside its 20x5 image"):
+        check_proposal_arrays(boxes, np.zeros(8, np.float32), offsets, sizes, "here")
+    boxes[4] = [0, 0, 5, 5]
+    boxes[7] = [0, 0, 20, 7]
+    with pytest.raises(CorruptStoreError, match=r"here: boxes.npy row 7 \(image 1\).*outside its 20x5 image"):
+        check_proposal_arrays(boxes, np.zeros(8, np.float32), offsets, sizes, "here")
