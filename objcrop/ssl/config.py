@@ -5,7 +5,9 @@ offending key's name, before any data is read:
 
 * ``data``: the dataset (``format``, ``annotations``, ``images``, ...) and ``proposals``
   (``gt`` or a store folder);
-* ``crops``: the view-pair policy and the view size / augmentation preset;
+* ``crops``: the view-pair policy and the view size / augmentation preset; ``augment_on`` is where the views
+  are made: ``loader`` (DataLoader workers), ``device`` (batched on the training device, see
+  :mod:`objcrop.crops.device_views`) or ``auto`` (device on CUDA, loader on CPU);
   ``object_scale`` is ``paper`` (the dataset-level S_min of the paper, resolved from the proposals when
   the dataset is built), ``per-region`` or a pair ``[lo, hi]``;
 * ``method``: ``name`` (``moco``, ``byol``, ``densecl``) plus the keyword arguments of that
@@ -69,6 +71,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "min_box_size": 0.0,
         "size": 224,
         "augment": "moco-v2",
+        "augment_on": "auto",
     },
     "method": {"name": "moco"},
     "optim": {
@@ -107,6 +110,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 CHOICES = {
     "crops.policy": ("scene-scene", "obj-scene", "obj-obj-dilate", "obj-obj-shift", "dilate-dilate", "obj-obj"),
     "crops.augment": ("moco-v2", "byol"),
+    "crops.augment_on": ("auto", "loader", "device"),
     "method.name": ("moco", "byol", "densecl"),
     "optim.name": ("sgd", "lars"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -396,6 +400,8 @@ def validate_config(config: dict) -> None:
         raise ConfigError(f"data.proposals: expected 'gt' or a proposal store folder, not found: {proposals}")
     if config["train"]["precision"] == "fp16" and config["train"]["device"] == "cpu":
         raise ConfigError("train.precision: fp16 needs a GPU; use bf16 or fp32 with train.device cpu")
+    if config["crops"]["augment_on"] == "device" and config["data"]["format"] == "webdataset":
+        raise ConfigError("crops.augment_on: streamed webdataset shards make views in the loader; use loader or auto")
     try:
         build_policy(config["crops"])
     except ValueError as err:

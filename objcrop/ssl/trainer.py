@@ -133,10 +133,13 @@ def build_method(config: dict) -> torch.nn.Module:
     return method_class(kwargs.pop("name"))(**kwargs)
 
 
-def build_dataset(config: dict, records=None):
-    """The :class:`~objcrop.crops.dataset.ObjectAwareDataset` a config describes."""
+def build_dataset(config: dict, records=None, device: torch.device | str | None = None):
+    """The :class:`~objcrop.crops.dataset.ObjectAwareDataset` a config describes, or its device-path twin
+    :class:`~objcrop.crops.device_dataset.DeviceViewDataset` when ``crops.augment_on`` resolves to ``device``
+    (``auto`` does on a CUDA ``device``, the training device; without one it means the loader path)."""
     from objcrop.crops.augment import byol_view_transforms, moco_v2_view_transform
     from objcrop.crops.dataset import ObjectAwareDataset
+    from objcrop.crops.device_dataset import DeviceViewDataset, resolve_augment_on
     from objcrop.data.readers import load_records
     from objcrop.proposals import open_proposals
 
@@ -161,6 +164,10 @@ def build_dataset(config: dict, records=None):
             classes_csv=data["classes_csv"],
         )
     store = open_proposals(str(data["proposals"]), records)
+    if resolve_augment_on(crops.get("augment_on", "loader"), device) == "device":
+        return DeviceViewDataset(
+            records, store, policy, augment=crops["augment"], size=size, seed=config["train"]["seed"]
+        )
     return ObjectAwareDataset(records, store, policy, transform=transform, size=size, seed=config["train"]["seed"])
 
 
@@ -233,7 +240,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.out / "checkpoints", keep_last=int(tcfg["keep_last"]))
         if self.env.is_main:
             self._prepare_output()  # before the data is read: a bad train.out must not cost a run
-        self.dataset = dataset if dataset is not None else build_dataset(config)
+        self.dataset = dataset if dataset is not None else build_dataset(config, device=self.env.device)
         self._record_object_scale()
         world_batch = int(ocfg["batch_size"])
         if world_batch % self.env.world_size:
@@ -253,6 +260,8 @@ class Trainer:
 
         self.dtype = _resolve_precision(tcfg["precision"], self.env.device)
         self.channels_last = bool(tcfg["channels_last"])
+        # Device path (crops.augment_on): batches hold decoded images and boxes; the views are made in _to_device.
+        self.view_maker = self.dataset.view_maker(self.channels_last) if hasattr(self.dataset, "view_maker") else None
         model = build_method(config)
         model = model.to(self.env.device)
         if self.channels_last:
@@ -519,7 +528,7 @@ class Trainer:
             batch_size=self.batch_per_rank,
             sampler=None if streaming else self.sampler,
             num_workers=workers,
-            collate_fn=_collate,
+            collate_fn=getattr(self.dataset, "collate", _collate),
             pin_memory=self.env.device.type == "cuda",
             drop_last=True,
             persistent_workers=False,
@@ -529,7 +538,10 @@ class Trainer:
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        views = [v.to(self.env.device, non_blocking=True, memory_format=fmt) for v in batch["views"]]
+        if self.view_maker is not None and "images" in batch:
+            views = self.view_maker.from_batch(batch, self.env.device)
+        else:
+            views = [v.to(self.env.device, non_blocking=True, memory_format=fmt) for v in batch["views"]]
         return {"views": views, "kinds": batch["kinds"].to(self.env.device, non_blocking=True)}
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:

@@ -1,7 +1,10 @@
 """The loader side of the device path: the loader path's crop boxes and kinds for a seed, parameters that are
-a function of (seed, epoch, index), bad images skipped as by the loader path, batches, and the views the
-two paths make of one sample (PSNR with augmentations off)."""
+a function of (seed, epoch, index), bad images skipped as by the loader path, batches, the views the two paths
+make of one sample (PSNR with augmentations off), and training with ``crops.augment_on: device`` on CPU
+(every method, view kinds, exact resumption, config checks)."""
 
+import csv
+import json
 import logging
 import math
 from pathlib import Path
@@ -19,6 +22,9 @@ from objcrop.crops.policies import ViewPairPolicy
 from objcrop.data.readers import load_records
 from objcrop.data.synth import synthesize
 from objcrop.proposals import open_proposals
+from objcrop.ssl.checkpoint import load_checkpoint
+from objcrop.ssl.config import ConfigError, load_config
+from objcrop.ssl.trainer import Trainer, pretrain
 
 COCO = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "coco128"
 
@@ -171,3 +177,124 @@ def test_both_paths_make_the_same_views_of_coco_samples_with_augmentations_off()
         for v in range(2):
             values.append(psnr(ours[v][row] * std + mean, reference[v] * std + mean))
     assert min(values) >= 30.0, values
+
+
+# -- in the trainer -------------------------------------------------------------------------------------------
+METHOD_SETTINGS = {
+    "moco": {"dim": 16, "hidden_dim": 32, "queue_size": 64},
+    "byol": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32},
+    "densecl": {"dim": 16, "hidden_dim": 32, "queue_size": 64, "small_images": True},
+}
+
+
+@pytest.fixture(scope="module")
+def train_scenes(tmp_path_factory) -> Path:
+    """64 scenes of 40 px: 51 training images, 6 batches of 8 per epoch."""
+    out = tmp_path_factory.mktemp("train_scenes")
+    synthesize(out, num_images=64, seed=0, size=40, progress=False)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_globals():
+    """The trainer sets process-wide torch flags; put them back for the other tests."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def tiny_config(scenes: Path, out: Path, method: str = "moco", **extra) -> dict:
+    """A deterministic fp32 CPU run on the device path: ResNet-18 at 32 px, batch 8, 2 epochs of 6 steps."""
+    settings = {
+        "data.annotations": str(scenes / "train.json"),
+        "data.images": str(scenes / "images"),
+        "crops.size": 32,
+        "crops.augment_on": "device",
+        "crops.augment": "byol" if method == "byol" else "moco-v2",
+        "method.name": method,
+        "method.backbone": "resnet18",
+        **{f"method.{k}": v for k, v in METHOD_SETTINGS[method].items()},
+        "optim.batch_size": 8,
+        "optim.lr_reference_batch": 8,
+        "optim.epochs": 2,
+        "optim.warmup_epochs": 0.5,
+        "train.out": str(out),
+        "train.device": "cpu",
+        "train.precision": "fp32",
+        "train.channels_last": False,
+        "train.workers": 0,
+        "train.threads": 1,
+        "train.deterministic": True,
+        "train.checkpoint_every_steps": 2,
+        "train.log_every_steps": 1,
+        "train.tensorboard": False,
+        "train.progress": False,
+        **extra,
+    }
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()])
+
+
+def final_model(out: Path) -> dict:
+    return load_checkpoint(sorted((out / "checkpoints").glob("ckpt-*.pt"))[-1])["model"]
+
+
+def losses(out: Path) -> list[str]:
+    with open(out / "log.csv", newline="", encoding="utf-8") as f:
+        return [row["loss"] for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize(("method", "separate_heads"), [("moco", True), ("byol", False), ("densecl", True)])
+def test_each_method_trains_on_the_device_path_on_cpu(train_scenes, tmp_path, method, separate_heads):
+    config = tiny_config(train_scenes, tmp_path, method, **{"method.separate_heads": separate_heads})
+    config["optim"]["max_steps"] = 2
+    if method == "byol":
+        config["optim"]["name"] = "lars"
+    trainer = Trainer(config)
+    assert isinstance(trainer.dataset, DeviceViewDataset) and trainer.view_maker is not None
+    assert trainer.view_maker.preset.name == config["crops"]["augment"]
+    result = trainer.fit()
+    assert result.steps == 2 and math.isfinite(result.final_loss)
+    heads = [k for k in load_checkpoint(result.checkpoint)["model"] if ".heads.1." in k]
+    assert bool(heads) == separate_heads  # view kinds reach the heads
+
+
+def test_auto_keeps_the_loader_path_on_cpu(train_scenes, tmp_path):
+    trainer = Trainer(tiny_config(train_scenes, tmp_path, **{"crops.augment_on": "auto"}))
+    assert type(trainer.dataset) is ObjectAwareDataset and trainer.view_maker is None
+
+
+def test_resume_on_the_device_path_matches_the_uninterrupted_run(train_scenes, tmp_path, monkeypatch):
+    """Interrupted after the step-4 checkpoint, resumed mid-epoch across the epoch boundary: same weights, same
+    losses as an uninterrupted run; switching to the loader path on resume is refused by name."""
+    reference = tmp_path / "reference"
+    pretrain(tiny_config(train_scenes, reference, **{"optim.max_steps": 8}))
+    run = tmp_path / "run"
+    config = tiny_config(train_scenes, run, **{"optim.max_steps": 8})
+    step = Trainer.train_step
+
+    def interrupt_at_step_5(self, batch):
+        if self.step == 4:
+            raise KeyboardInterrupt
+        return step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupt_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(config)
+    monkeypatch.undo()
+    result = pretrain(config)
+    assert Path(result.resumed_from).name == "ckpt-00000004.pt" and result.steps == 8
+    a, b = final_model(run), final_model(reference)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(run) == losses(reference)
+    with pytest.raises(ConfigError, match=r"crops\.augment_on: \"device\" -> \"loader\""):
+        pretrain(tiny_config(train_scenes, run, **{"optim.max_steps": 9, "crops.augment_on": "loader"}))
+
+
+def test_config_checks_augment_on(train_scenes, tmp_path):
+    with pytest.raises(ConfigError, match="crops.augment_on: 'gpu' is not one of auto, loader, device"):
+        tiny_config(train_scenes, tmp_path, **{"crops.augment_on": "gpu"})
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with pytest.raises(ConfigError, match="crops.augment_on: streamed webdataset"):
+        tiny_config(train_scenes, tmp_path, **{"data.format": "webdataset", "data.images": str(shards)})
