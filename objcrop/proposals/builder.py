@@ -6,6 +6,10 @@ flight and a re-run with the same arguments continues where it stopped. Several 
 share the chunks (``shard=(i, n)`` takes chunks ``c`` with ``c % n == i``); :func:`merge_store`
 then joins them into the store. A single-machine build merges by itself at the end.
 
+What a build may replace or delete in ``out_dir`` (only what objcrop wrote, by a list of names) and
+the lock that keeps two runs apart are in :mod:`objcrop.proposals.ownership`. Chunks and stores are
+checked when read (:func:`~objcrop.proposals.store.check_proposal_arrays`): a damaged file is named.
+
 A proposer is any callable ``proposer(image HxWx3 uint8 RGB) -> (boxes float32 [n, 4] xyxy,
 scores float32 [n])``, best first. With ``workers > 1`` it is pickled into worker processes
 (``forkserver``), so it must be picklable: a backend holding an unpicklable handle (an OpenCV
