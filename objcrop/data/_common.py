@@ -122,6 +122,14 @@ def _checked_sizes(values, n: int, paths: Sequence[str], source, what: str) -> n
     return sizes.astype(np.int64)
 
 
+def ids_from_stems(stems: Sequence[str]) -> list[int] | None:
+    """The file stems as image ids when every stem is a decimal number that fits int64 (COCO's
+    ``000000000139``), else None (the running index is used)."""
+    if not stems or not all(s.isdecimal() and len(s) <= 18 for s in stems):
+        return None
+    return [int(s) for s in stems]
+
+
 def existing_images(root: str | os.PathLike, paths: Sequence[str], source: str | os.PathLike) -> np.ndarray:
     """Which of ``root/path`` are files: missing ones are counted and logged once (with the first
     few paths), so that a long job goes on with the rest.

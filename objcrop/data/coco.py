@@ -120,6 +120,8 @@ def read_coco(annotations_json: str | os.PathLike, images_dir: str | os.PathLike
     paths, widths, heights = [], [], []
     for k, img in enumerate(images):
         iid = _field(img, "id", int, path, f"image #{k}")
+        if not -(2**63) <= iid < 2**63:  # image ids are stored as int64
+            raise ValueError(f"{path}: image #{k}: id {iid} does not fit int64")
         if iid in image_index:
             raise ValueError(f"{path}: duplicate image id {iid}")
         image_index[iid] = k

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from objcrop.data._common import MAX_SIDE, SkipCounter, build_records, existing_images
+from objcrop.data._common import MAX_SIDE, SkipCounter, build_records, existing_images, ids_from_stems
 from objcrop.data.images import ImageReadError, image_size
 from objcrop.data.records import Records
 
@@ -175,7 +175,6 @@ def read_voc(
                 box_image.append(i)
     unreadable.log()
 
-    numeric = bool(kept_xml) and all(p.stem.isdigit() for p in kept_xml)
     return build_records(
         root=images_dir,
         paths=paths,
@@ -187,6 +186,6 @@ def read_voc(
         labels=labels,
         label_image=label_image,
         class_names=class_names,
-        image_ids=[int(p.stem) for p in kept_xml] if numeric else None,
+        image_ids=ids_from_stems([p.stem for p in kept_xml]),
         source=annotations,
     )

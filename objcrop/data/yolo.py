@@ -10,7 +10,7 @@ import numpy as np
 import yaml
 
 from objcrop.boxes import cxcywh_norm_to_xyxy
-from objcrop.data._common import build_records, list_images, logger, read_sizes
+from objcrop.data._common import build_records, ids_from_stems, list_images, logger, read_sizes
 from objcrop.data.records import Records
 
 __all__ = ["MAX_UNNAMED_CLASSES", "read_yolo", "read_class_names"]
@@ -137,7 +137,6 @@ def read_yolo(
     # One call for all boxes: per-box image sizes broadcast like scalars.
     boxes = cxcywh_norm_to_xyxy(norm, widths[kept][box_image], heights[kept][box_image])
     kept_keys = [keys[k] for k in kept]
-    numeric = bool(kept_keys) and all(Path(k).stem.isdigit() for k in kept_keys)
     return build_records(
         root=images_dir,
         paths=kept_keys,
@@ -149,6 +148,6 @@ def read_yolo(
         labels=box_labels,
         label_image=box_image,
         class_names=names,
-        image_ids=[int(Path(k).stem) for k in kept_keys] if numeric else None,
+        image_ids=ids_from_stems([Path(k).stem for k in kept_keys]),
         source=labels_dir,
     )

@@ -483,6 +483,23 @@ def test_coco_sizes_that_do_not_fit_are_rejected_naming_the_image(tmp_path, widt
         read_coco(path, tmp_path)
 
 
+def test_coco_image_id_that_does_not_fit_int64_is_rejected(tmp_path):
+    data = {"images": [{"id": 10**30, "file_name": "a.jpg", "width": 4, "height": 4}], "categories": []}
+    (tmp_path / "instances.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"instances.json: image #0: id 10{30} does not fit int64"):
+        read_coco(tmp_path / "instances.json", tmp_path)
+
+
+def test_file_stems_are_image_ids_only_when_they_all_fit_int64(tmp_path):
+    labels, images = _yolo(tmp_path)
+    assert read_yolo(labels, images).image_ids.tolist() == [1, 2, 3]
+    _image(images / f"{10**20}.jpg", 4, 4)  # numeric, but no int64
+    assert read_yolo(labels, images).image_ids.tolist() == [0, 1, 2, 3]
+    (images / f"{10**20}.jpg").unlink()
+    _image(images / "\u00b2.jpg", 4, 4)  # "²".isdigit() is True, but int("²") fails
+    assert read_yolo(labels, images).image_ids.tolist() == [0, 1, 2, 3]
+
+
 def test_voc_size_that_does_not_fit_is_rejected_naming_the_image(tmp_path):
     (tmp_path / "x.xml").write_text(_voc_xml("x.jpg", [], size=(10**12, 10)))
     _image(tmp_path / "x.jpg", 4, 4)
