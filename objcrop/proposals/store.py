@@ -175,22 +175,27 @@ def check_proposal_arrays(
         first = int(np.searchsorted(offsets, start, side="right")) - 1
         last = int(np.searchsorted(offsets, stop - 1, side="right")) - 1
         rows_per_image = np.diff(np.clip(offsets[first : last + 2], start, stop))
-        w, h = (np.repeat(sizes[first : last + 1, k], rows_per_image).astype(np.float64) for k in (0, 1))
-        b, sc = np.asarray(boxes[start:stop], np.float64), np.asarray(scores[start:stop])
-        finite = np.isfinite(b).all(axis=1) & np.isfinite(sc)
-        ordered = (b[:, 2] >= b[:, 0]) & (b[:, 3] >= b[:, 1])
-        inside = (b[:, :2] >= -BOX_SLACK).all(axis=1) & (b[:, 2] <= w + BOX_SLACK) & (b[:, 3] <= h + BOX_SLACK)
-        bad = ~(finite & ordered & inside)
-        if bad.any():
-            r = int(np.argmax(bad))
+        limits = sizes[first : last + 1].astype(np.float32) + np.float32(BOX_SLACK)
+        b = np.asarray(boxes[start:stop])
+        x1, y1, x2, y2 = b.T
+        # In float32 like the boxes. NaN fails every comparison and an infinite coordinate fails a
+        # limit, so only the scores need their own finiteness test.
+        ok = (x1 >= -BOX_SLACK) & (y1 >= -BOX_SLACK) & (x2 >= x1) & (y2 >= y1)
+        ok &= x2 <= np.repeat(limits[:, 0], rows_per_image)
+        ok &= y2 <= np.repeat(limits[:, 1], rows_per_image)
+        ok &= np.isfinite(scores[start:stop])
+        if not ok.all():
+            r = int(np.argmin(ok))
             row, image = start + r, int(np.searchsorted(offsets, start + r, side="right")) - 1
-            if not finite[r]:
+            box, score = np.asarray(b[r], np.float64), float(scores[start + r])
+            (w, h) = (int(v) for v in sizes[image])
+            if not (np.isfinite(box).all() and np.isfinite(score)):
                 reason = "is not finite"
-            elif not ordered[r]:
+            elif box[2] < box[0] or box[3] < box[1]:
                 reason = "has x2 < x1 or y2 < y1"
             else:
-                reason = f"lies outside its {int(w[r])}x{int(h[r])} image"
-            raise fail("boxes", f"row {row} (image {image}): box {b[r].tolist()} score {float(sc[r])} {reason}")
+                reason = f"lies outside its {w}x{h} image"
+            raise fail("boxes", f"row {row} (image {image}): box {box.tolist()} score {score} {reason}")
 
 
 class StoreKeys(Sequence):
