@@ -12,13 +12,13 @@ import json
 from objcrop.commands.linear import (
     CACHE_DIR_HELP,
     READOUT_MODES,
-    TASKS,
     add_backbone_args,
     add_run_args,
     add_split_dataset_args,
     apply_run_args,
     split_records_from_args,
 )
+from objcrop.evaluate.metrics import TASKS
 
 
 def register(subparsers) -> None:
@@ -44,46 +44,32 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from objcrop.evaluate.features import cached_features
-    from objcrop.evaluate.knn import knn_evaluate
-    from objcrop.evaluate.linear import labels_for_task
+    from objcrop.evaluate.knn import knn_probe
 
     apply_run_args(args)
     train, test = split_records_from_args(args)
-    if train.class_names != test.class_names:
-        raise ValueError(f"train ({train.root}) and test ({test.root}) datasets have different classes")
-    feats = {}
-    for split, records in (("train", train), ("test", test)):
-        feats[split], _ = cached_features(
-            args.checkpoint,
-            records,
-            split,
-            args.size,
-            cache_dir=args.cache_dir,
-            arch=args.arch,
-            small_images=args.small_images,
-            seed=args.seed,
-            mode=args.mode,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            device=args.device,
-            progress=not args.no_progress,
-        )
-    results = knn_evaluate(
-        feats["train"],
-        labels_for_task(train, args.task),
-        feats["test"],
-        labels_for_task(test, args.task),
+    result = knn_probe(
+        args.checkpoint,
+        train,
+        test,
+        task=args.task,
+        size=args.size,
+        cache_dir=args.cache_dir,
+        arch=args.arch,
+        small_images=args.small_images,
+        seed=args.seed,
+        mode=args.mode,
         k=args.k,
         temperature=args.temperature,
-        task=args.task,
-        num_classes=train.num_classes,
+        feature_batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        progress=not args.no_progress,
     )
     if args.json:
-        # The first k is the headline, in the same shape as 'objcrop linear --json'.
-        print(json.dumps({**results[0].to_dict(), "results": [r.to_dict() for r in results]}))
+        print(json.dumps(result.to_dict()))  # the first k is the headline, as 'objcrop linear --json'
         return 0
-    for r in results:
+    for r in result.results:
         print(
             f"k={r.k}: {r.metric} {r.value:.2f}% ({r.classes_evaluated} classes evaluated, "
             f"{r.classes_skipped} skipped without a positive; T={r.temperature:g})"

@@ -16,14 +16,14 @@ import json
 
 from objcrop.data.records import Records
 
-# The library's choices, repeated here so that building the parser imports neither torch nor sklearn
-# (tests/evaluate/test_commands.py checks they agree with objcrop.evaluate).
-TASKS = ("multi", "single")
-PROTOCOLS = ("cached", "paper")
+# Both modules import neither torch nor sklearn, so building the parser stays light.
+from objcrop.evaluate.linear import DEFAULT_LRS, DEFAULT_WDS, PROTOCOLS
+from objcrop.evaluate.metrics import TASKS
+
+# objcrop.evaluate.features.READOUT_MODES, repeated because that module imports torch
+# (tests/evaluate/test_commands.py checks they agree).
 READOUT_MODES = ("center", "squash")
 CACHE_DIR_HELP = "feature cache folder (default: <checkpoint>.features/; ~/.cache/objcrop/features/ for random:)"
-DEFAULT_LRS = (0.01, 0.1, 1.0)
-DEFAULT_WDS = (0.0, 1e-3, 1e-2, 1e-1)
 
 
 def add_split_dataset_args(parser: argparse.ArgumentParser) -> None:

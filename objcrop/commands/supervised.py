@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from objcrop.commands.linear import TASKS, add_run_args, add_split_dataset_args, apply_run_args, split_records_from_args
+from objcrop.commands.linear import add_run_args, add_split_dataset_args, apply_run_args, split_records_from_args
+from objcrop.evaluate.metrics import TASKS
 
 
 def register(subparsers) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -21,10 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from objcrop.data.records import Records
-from objcrop.evaluate.features import extract_features, valid_rows
-from objcrop.evaluate.linear import TASKS, labels_for_task, score_predictions
+from objcrop.evaluate.features import cached_features, extract_features, valid_rows
+from objcrop.evaluate.metrics import TASKS, check_same_classes, labels_for_task, metric_name, score_predictions
 
-__all__ = ["KNNMonitor", "KNNResult", "knn_evaluate", "knn_scores"]
+__all__ = ["KNNMonitor", "KNNProbeResult", "KNNResult", "knn_evaluate", "knn_probe", "knn_scores"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +124,95 @@ def knn_evaluate(
             np.asarray(train_feats)[train_ok], targets, np.asarray(test_feats)[test_ok], kk, temperature
         )
         value, evaluated, skipped = score_predictions(task, test_labels, scores)
-        metric = "mAP" if task == "multi" else "top1"
-        results.append(KNNResult(int(kk), metric, value, evaluated, skipped, float(temperature)))
+        results.append(KNNResult(int(kk), metric_name(task), value, evaluated, skipped, float(temperature)))
     return results
+
+
+@dataclass
+class KNNProbeResult:
+    """Outcome of :func:`knn_probe`: one :class:`KNNResult` per ``k``, the first being the headline."""
+
+    results: list[KNNResult]
+
+    def to_dict(self) -> dict:
+        """The headline's fields, in the same shape as :meth:`LinearResult.to_dict`, plus ``results``."""
+        return {**self.results[0].to_dict(), "results": [r.to_dict() for r in self.results]}
+
+
+def knn_probe(
+    spec: str | os.PathLike,
+    train_records: Records,
+    test_records: Records,
+    task: str = "multi",
+    size: int = 128,
+    cache_dir: str | os.PathLike | None = None,
+    arch: str | None = None,
+    small_images: bool | None = None,
+    seed: int = 0,
+    mode: str = "center",
+    k: Sequence[int] = (20, 200),
+    temperature: float = 0.07,
+    feature_batch_size: int = 64,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> KNNProbeResult:
+    """Weighted kNN of the backbone ``spec`` on a train/test pair of datasets, on the features that
+    :func:`~objcrop.evaluate.linear.linear_probe` caches (the two share the cache).
+
+    Args:
+        spec: Backbone (see :func:`objcrop.evaluate.backbone.load_backbone`).
+        train_records: Images whose features vote.
+        test_records: Images scored.
+        task: ``"multi"`` (mAP) or ``"single"`` (top-1).
+        size: Read-out side in pixels.
+        cache_dir: Feature cache folder; defaults to one next to the weights.
+        arch: Architecture of a plain state dict.
+        small_images: Small-image stem of a plain state dict or random init.
+        seed: Seed of random weights.
+        mode: Read-out geometry (``center`` or ``squash``).
+        k: Neighbour counts (the first is the headline of :meth:`KNNProbeResult.to_dict`).
+        temperature: ``T`` of the weights ``exp(sim / T)``.
+        feature_batch_size: Images per forward pass when extracting features.
+        workers: DataLoader worker processes.
+        device: Where the backbone runs.
+        progress: Show progress bars.
+
+    Raises:
+        ValueError: The splits have different classes, ``k`` is empty, or the task does not fit the labels.
+    """
+    if not len(k):
+        raise ValueError("give at least one k")
+    check_same_classes(train_records, test_records)
+    train_y, test_y = labels_for_task(train_records, task), labels_for_task(test_records, task)
+    feats = {}
+    for split, records in (("train", train_records), ("test", test_records)):
+        feats[split], _ = cached_features(
+            spec,
+            records,
+            split,
+            size,
+            cache_dir=cache_dir,
+            arch=arch,
+            small_images=small_images,
+            seed=seed,
+            mode=mode,
+            batch_size=feature_batch_size,
+            workers=workers,
+            device=device,
+            progress=progress,
+        )
+    results = knn_evaluate(
+        feats["train"],
+        train_y,
+        feats["test"],
+        test_y,
+        k=k,
+        temperature=temperature,
+        task=task,
+        num_classes=train_records.num_classes,
+    )
+    return KNNProbeResult(results)
 
 
 class KNNMonitor:

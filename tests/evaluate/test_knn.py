@@ -1,15 +1,17 @@
-"""Weighted kNN: exact weights, separable sets, multi-label mAP, the training-time monitor."""
+"""Weighted kNN: exact weights, separable sets, multi-label mAP, the training-time monitor, the cached probe."""
 
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+from PIL import Image
 
 from objcrop.data.readers import load_records
-from objcrop.data.synth import synthesize
-from objcrop.evaluate.backbone import load_backbone
-from objcrop.evaluate.knn import KNNMonitor, knn_evaluate, knn_scores
+from objcrop.evaluate.features import cached_features
+from objcrop.evaluate.knn import KNNMonitor, knn_evaluate, knn_probe, knn_scores
+from objcrop.evaluate.metrics import labels_for_task
 
 torch.set_num_threads(1)
 
@@ -63,14 +65,68 @@ def test_nan_rows_are_left_out():
     assert result.value == 100.0
 
 
-def test_monitor_returns_the_metric_and_keeps_the_training_mode(tmp_path):
-    synthesize(tmp_path, 30, size=64, progress=False)
-    train = load_records("coco", annotations=tmp_path / "train.json", images=tmp_path / "images")
-    test = load_records("coco", annotations=tmp_path / "test.json", images=tmp_path / "images")
-    monitor = KNNMonitor(train, test, size=16, k=(5, 20), max_train=20, max_test=5, batch_size=8)
-    assert len(monitor.train) == 20 and len(monitor.test) == 5
-    net, _ = load_backbone("random:resnet18", small_images=True)
-    net.train()
-    stats = monitor(net)
-    assert set(stats) <= {"knn_map@5", "knn_map@20"} and "knn_map@5" in stats
-    assert all(0 <= v <= 100 for v in stats.values()) and net.training
+RED, BLUE = (220, 30, 20), (20, 40, 220)
+
+
+def _colour_folders(root, layout: dict[str, list[tuple[int, int, int]]]):
+    """A ``folder`` dataset of plain 12x12 images: ``layout`` maps each class folder to its images' colours."""
+    for name, colours in layout.items():
+        (root / name).mkdir(parents=True)
+        for i, colour in enumerate(colours):
+            Image.new("RGB", (12, 12), colour).save(root / name / f"{i}.png")
+    return load_records("folder", images=root)
+
+
+def _mean_colour() -> nn.Module:
+    # Features are the image's mean colour: one point per colour, so the answer is known in advance.
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def test_monitor_scores_100_when_the_colour_is_the_class_and_chance_when_it_is_not(tmp_path):
+    train = _colour_folders(tmp_path / "train", {"blue": [BLUE] * 6, "red": [RED] * 6})
+    test = _colour_folders(tmp_path / "test", {"blue": [BLUE] * 3, "red": [RED] * 3})
+    monitor = KNNMonitor(train, test, size=8, task="single", k=(3, 12), max_train=10, max_test=4, batch_size=4)
+    assert len(monitor.train) == 10 and len(monitor.test) == 4  # seeded subsets
+    net = _mean_colour().train()
+    assert monitor(net) == {"knn_top1@3": 100.0, "knn_top1@12": 100.0} and net.training
+
+    # Each class holds both colours equally: a test image's same-colour neighbours split their vote
+    # evenly, the tie goes to the first class, so exactly the test images of that class are right.
+    mixed = {"a": [RED, BLUE] * 3, "b": [RED, BLUE] * 3}
+    train = _colour_folders(tmp_path / "mixed_train", mixed)
+    test = _colour_folders(tmp_path / "mixed_test", {"a": [RED, BLUE], "b": [BLUE, RED]})
+    monitor = KNNMonitor(train, test, size=8, task="single", k=(12,), batch_size=4)
+    assert monitor(net) == {"knn_top1@12": 50.0}
+
+
+def test_knn_probe_scores_the_cached_features_and_checks_the_classes(tmp_path):
+    train = _colour_folders(tmp_path / "train", {"blue": [BLUE] * 4, "red": [RED] * 4})
+    test = _colour_folders(tmp_path / "test", {"blue": [BLUE] * 2, "red": [RED] * 2})
+    args = dict(size=8, cache_dir=tmp_path / "cache", small_images=True, progress=False)
+    result = knn_probe("random:resnet18", train, test, task="single", k=(3, 5), temperature=0.5, **args)
+
+    # The same numbers as knn_evaluate on the features the cache now holds (shared with the linear probe).
+    feats = {}
+    for split, records in (("train", train), ("test", test)):
+        feats[split], hit = cached_features("random:resnet18", records, split, **args)
+        assert hit
+    expected = knn_evaluate(
+        feats["train"],
+        labels_for_task(train, "single"),
+        feats["test"],
+        labels_for_task(test, "single"),
+        k=(3, 5),
+        temperature=0.5,
+        task="single",
+        num_classes=2,
+    )
+    assert result.results == expected
+    d = result.to_dict()
+    assert d["k"] == 3 and d["metric"] == "top1" and d["temperature"] == 0.5
+    assert [r["k"] for r in d["results"]] == [3, 5] and d["value"] == expected[0].value
+
+    other = _colour_folders(tmp_path / "other", {"green": [(0, 200, 0)]})
+    with pytest.raises(ValueError, match="different classes: 2 vs 1"):
+        knn_probe("random:resnet18", train, other, **args)
+    with pytest.raises(ValueError, match="at least one k"):
+        knn_probe("random:resnet18", train, test, k=(), **args)

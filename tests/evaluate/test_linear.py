@@ -1,28 +1,26 @@
-"""Linear probe: metrics, lr/wd selection on val only, the cached probe end to end, the paper protocol."""
+"""Linear probe: lr/wd selection on val only, the cached probe end to end, the paper protocol's frozen
+backbone and augmented batches, and the light front door ``objcrop.evaluate.linear``."""
 
-import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from PIL import Image
 
+import objcrop.evaluate.cached_probe as cached_probe
 import objcrop.evaluate.linear as linear
+import objcrop.evaluate.paper_probe as paper_probe
 from objcrop.data.readers import load_records
 from objcrop.data.synth import synthesize
 from objcrop.evaluate.backbone import backbone_info
-from objcrop.evaluate.features import cache_entry_name
-from objcrop.evaluate.linear import (
-    chance_level,
-    fit_linear,
-    labels_for_task,
-    linear_probe,
-    mean_average_precision,
-    paper_milestones,
-    split_train_val,
-    top1_accuracy,
-    train_linear,
-)
+from objcrop.evaluate.cached_probe import evaluate_linear, fit_linear, split_train_val, train_linear
+from objcrop.evaluate.features import cache_entry_name, extract_features, readout_transform
+from objcrop.evaluate.linear import linear_probe
+from objcrop.evaluate.metrics import chance_level, labels_for_task
+from objcrop.evaluate.paper_probe import paper_linear_probe, paper_milestones
 
 torch.set_num_threads(1)
 SIZE = 16
@@ -35,34 +33,6 @@ def scenes(tmp_path_factory):
     train = load_records("coco", annotations=out / "train.json", images=out / "images")
     test = load_records("coco", annotations=out / "test.json", images=out / "images")
     return train, test
-
-
-def test_map_matches_hand_computed_average_precision_and_skips_classes_without_positives():
-    targets = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
-    scores = np.array([[0.9, 0.2, 0.5], [0.8, 0.7, 0.1], [0.3, 0.6, 0.2], [0.1, 0.1, 0.9]])
-    # Class 0 ranks pos, neg, pos: AP = (1/1 + 2/3) / 2. Class 1 ranks both positives first: AP = 1.
-    value, evaluated, skipped = mean_average_precision(targets, scores)
-    assert value == pytest.approx(100 * ((1 + 2 / 3) / 2 + 1) / 2)
-    assert (evaluated, skipped) == (2, 1)
-    value, evaluated, skipped = mean_average_precision(np.zeros((3, 2)), np.ones((3, 2)))
-    assert math.isnan(value) and (evaluated, skipped) == (0, 2)
-    with pytest.raises(ValueError, match="must both be"):
-        mean_average_precision(targets, scores[:, :2])
-
-
-def test_top1_and_chance():
-    assert top1_accuracy(np.array([0, 2, 1, 1]), np.eye(3)[[0, 2, 0, 1]]) == 75.0
-    assert chance_level("single", np.array([0, 1, 1, 1])) == 75.0
-    # Mean prevalence of the classes that have a positive (the third has none).
-    assert chance_level("multi", np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0], [0, 0, 0]])) == pytest.approx(37.5)
-
-
-def test_labels_for_task(scenes):
-    train, _ = scenes
-    multi = labels_for_task(train, "multi")
-    assert multi.shape == (len(train), 10) and multi.dtype == np.float32
-    with pytest.raises(ValueError, match="exactly one label"):
-        labels_for_task(train, "single")  # the scenes have 2-6 objects
 
 
 def test_split_train_val_is_seeded_disjoint_and_complete():
@@ -78,10 +48,10 @@ def test_fit_linear_learns_separable_problems():
     x = rng.normal(size=(300, 16)).astype(np.float16)
     multi = (x[:, :3] > 0).astype(np.float32)
     model = fit_linear(x[:200], multi[:200], "multi", lr=0.1, weight_decay=0.0, epochs=30)
-    assert linear.evaluate_linear(model, x[200:], multi[200:], "multi")[0] > 95
+    assert evaluate_linear(model, x[200:], multi[200:], "multi")[0] > 95
     single = x[:, :4].argmax(1)
     model = fit_linear(x[:200], single[:200], "single", lr=1.0, weight_decay=0.0, epochs=100)
-    assert linear.evaluate_linear(model, x[200:], single[200:], "single")[0] > 85
+    assert evaluate_linear(model, x[200:], single[200:], "single")[0] > 85
 
 
 def test_train_linear_keeps_the_best_grid_point_on_val():
@@ -91,20 +61,20 @@ def test_train_linear_keeps_the_best_grid_point_on_val():
     model, chosen = train_linear(x[:80], y[:80], x[80:], y[80:], "multi", lrs=(1e-4, 0.1), wds=(0.0, 10.0), epochs=10)
     assert len(chosen["grid"]) == 4
     assert chosen["val_value"] == max(p["val_value"] for p in chosen["grid"])
-    assert linear.evaluate_linear(model, x[80:], y[80:], "multi")[0] == pytest.approx(chosen["val_value"])
+    assert evaluate_linear(model, x[80:], y[80:], "multi")[0] == pytest.approx(chosen["val_value"])
     assert chosen["weight_decay"] == 0.0  # wd 10 shrinks the weights to nothing
 
 
 def test_linear_probe_chooses_on_val_only_and_caches(scenes, tmp_path, monkeypatch):
     train, test = scenes
     seen = []
-    real = linear.train_linear
+    real = cached_probe.train_linear
 
     def spy(train_x, train_y, val_x, val_y, *args, **kwargs):
         seen.append((train_x, train_y, val_x, val_y))
         return real(train_x, train_y, val_x, val_y, *args, **kwargs)
 
-    monkeypatch.setattr(linear, "train_linear", spy)
+    monkeypatch.setattr(cached_probe, "train_linear", spy)
     args = dict(task="multi", size=SIZE, cache_dir=tmp_path, small_images=True, epochs=5, progress=False)
     result = linear_probe("random:resnet18", train, test, lrs=(0.1, 1.0), wds=(0.0,), **args)
 
@@ -127,9 +97,92 @@ def test_linear_probe_chooses_on_val_only_and_caches(scenes, tmp_path, monkeypat
     assert linear_probe("random:resnet18", train, test, lrs=(0.1,), wds=(0.0,), **args).cache_hits == 2
 
 
-def test_paper_protocol_runs_through_the_frozen_net(scenes):
-    train, test = scenes
+def _colour_folders(root, layout: dict[str, list[tuple[int, int, int]]], noise: int = 0, seed: int = 0):
+    """A ``folder`` dataset: ``layout`` maps each class folder to the colours of its 20x20 images."""
+    rng = np.random.default_rng(seed)
+    for name, colours in layout.items():
+        (root / name).mkdir(parents=True)
+        for i, colour in enumerate(colours):
+            pixels = np.full((20, 20, 3), colour, np.int64)
+            if noise:
+                pixels += rng.integers(-noise, noise, size=pixels.shape)
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
+    return load_records("folder", images=root)
+
+
+RED, BLUE = (220, 30, 20), (20, 40, 220)
+
+
+class _Recorder(nn.Module):
+    """A small conv + BatchNorm backbone that keeps a copy of every batch it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return self.net(x)
+
+
+def _epoch_images(recorder: _Recorder) -> list[torch.Tensor]:
+    """The images of each one-batch epoch, in a fixed order (sorted by their pixel sums), without the
+    all-zeros call that measures the feature width."""
+    batches = recorder.seen[1:]
+    return [b[torch.argsort(b.flatten(1).sum(1))] for b in batches]
+
+
+def test_paper_protocol_keeps_the_backbone_frozen_and_augments_every_epoch(scenes, monkeypatch):
+    train, _ = scenes
     assert paper_milestones(100) == [60, 80] and paper_milestones(5) == [3, 4]
+    labels = labels_for_task(train, "multi")
+    net = _Recorder().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    run = dict(epochs=2, batch_size=len(train), progress=False)  # one batch per epoch
+    head = paper_linear_probe(net, train, labels, "multi", SIZE, **run)
+
+    # Frozen: same weights and BatchNorm statistics, no gradient, and the caller's train mode is back.
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in net.parameters()) and net.training
+    assert head.fc.weight.shape == (10, 4) and head.fc.weight.abs().sum() > 0
+
+    # Augmented: both epochs saw every image, as different random crops; the read-out transform in
+    # its place would show the same pixels twice (so the comparison can tell the two apart).
+    first, second = _epoch_images(net)
+    assert first.shape == second.shape == (len(train), 3, SIZE, SIZE)
+    assert not torch.equal(first, second)
+    plain = _Recorder()
+    monkeypatch.setattr(paper_probe, "augment_transform", readout_transform)
+    paper_linear_probe(plain, train, labels, "multi", SIZE, **run)
+    assert torch.equal(*_epoch_images(plain))
+
+
+def test_paper_protocol_is_seeded_and_learns_a_separable_problem(tmp_path):
+    train = _colour_folders(tmp_path / "train", {"blue": [BLUE] * 8, "red": [RED] * 8}, noise=30)
+    test = _colour_folders(tmp_path / "test", {"blue": [BLUE] * 4, "red": [RED] * 4}, noise=30, seed=1)
+    colour = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())  # the mean colour: separates red from blue
+    labels = labels_for_task(train, "single")
+    run = dict(epochs=4, batch_size=4, seed=3, progress=False)
+
+    def probe(**kwargs):
+        # ``seed`` drives the batch order and the crops; the head's initial weights come from torch's
+        # global generator (as before the split), so that is fixed here too.
+        torch.manual_seed(0)
+        return paper_linear_probe(colour, train, labels, "single", SIZE, **{**run, **kwargs})
+
+    head = probe()
+    assert torch.equal(head.fc.weight, probe().fc.weight)
+    assert not torch.equal(head.fc.weight, probe(seed=4).fc.weight)
+    test_x = extract_features(colour, test, SIZE, progress=False)
+    assert evaluate_linear(head, test_x, labels_for_task(test, "single"), "single")[0] == 100.0
+
+
+def test_paper_protocol_end_to_end_reports_what_it_scored(scenes):
+    train, test = scenes
     result = linear_probe(
         "random:resnet18",
         train,
@@ -141,21 +194,43 @@ def test_paper_protocol_runs_through_the_frozen_net(scenes):
         batch_size=16,
         progress=False,
     )
-    assert result.protocol == "paper" and result.metric == "mAP" and result.lr == 30.0
-    assert 0 <= result.value <= 100 and result.feature_dim == 512
+    assert (result.protocol, result.metric, result.lr, result.weight_decay, result.epochs) == (
+        "paper",
+        "mAP",
+        30.0,
+        0.0,
+        2,
+    )
+    assert (result.train_images, result.test_images, result.images_skipped) == (len(train), len(test), 0)
+    assert result.feature_dim == 512 and result.classes_evaluated + result.classes_skipped == 10
+    assert result.chance == pytest.approx(chance_level("multi", labels_for_task(test, "multi")))
+    assert result.val_value is None and result.cache_hits == 0
+
+
+def test_unknown_protocol_and_mismatched_classes_are_refused_before_any_work(scenes, tmp_path):
+    train, test = scenes
+    with pytest.raises(ValueError, match="unknown protocol 'fast'; choose one of cached, paper"):
+        linear_probe("missing.pth", train, test, protocol="fast")
+    other = _colour_folders(tmp_path / "other", {"blue": [BLUE]})
+    with pytest.raises(ValueError, match="different classes"):
+        linear_probe("missing.pth", train, other)  # before the missing weights are looked at
+
+
+def test_the_front_door_reexports_the_protocols_and_imports_no_torch():
+    assert linear.fit_linear is fit_linear and linear.train_linear is train_linear
+    assert linear.split_train_val is split_train_val and linear.paper_milestones is paper_milestones
+    assert linear.LinearClassifier is cached_probe.LinearClassifier
+    assert set(linear.__all__) <= set(dir(linear))
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        linear.nothing  # noqa: B018
+    code = "import sys, objcrop.evaluate.linear; print('torch' in sys.modules, 'sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
 
 
 def test_single_label_folder_dataset_reports_top1(tmp_path):
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("test", 6)):
-        for name, colour in (("blue", (20, 40, 220)), ("red", (220, 30, 20))):
-            (tmp_path / split / name).mkdir(parents=True)
-            for i in range(n):
-                noise = rng.integers(-30, 30, size=(20, 20, 3))
-                pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(tmp_path / split / name / f"{i}.png")
-    train = load_records("folder", images=tmp_path / "train")
-    test = load_records("folder", images=tmp_path / "test")
+    train = _colour_folders(tmp_path / "train", {"blue": [BLUE] * 12, "red": [RED] * 12}, noise=30)
+    test = _colour_folders(tmp_path / "test", {"blue": [BLUE] * 6, "red": [RED] * 6}, noise=30, seed=1)
     result = linear_probe(
         "random:resnet18",
         train,
