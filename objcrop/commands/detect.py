@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-_FORMATS = ("coco", "voc", "yolo", "openimages")
+from objcrop.data.readers import ANNOTATION_FILE_FORMATS as _FORMATS  # detect reads --*-annotations
 
 
 def register(subparsers) -> None:

@@ -12,7 +12,7 @@ from objcrop.data.voc import read_voc
 from objcrop.data.webdataset import read_webdataset
 from objcrop.data.yolo import read_yolo
 
-__all__ = ["FORMATS", "load_records"]
+__all__ = ["ANNOTATION_FILE_FORMATS", "FORMATS", "load_records"]
 
 FORMATS = ("coco", "voc", "openimages", "yolo", "folder", "webdataset")
 
@@ -25,6 +25,7 @@ _ANNOTATIONS = {
     "folder": None,
     "webdataset": None,  # boxes come from each sample's json member
 }
+ANNOTATION_FILE_FORMATS = tuple(f for f in FORMATS if _ANNOTATIONS[f] is not None)  # those read from --annotations
 
 
 def load_records(

@@ -21,14 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from objcrop.data.records import Records
 from objcrop.evaluate.backbone import write_arch_sidecar
 from objcrop.evaluate.features import RecordImages, augment_transform, extract_features, valid_rows
-from objcrop.evaluate.linear import chance_level, labels_for_task, linear_probe, score_predictions
+from objcrop.evaluate.linear import linear_probe
+from objcrop.evaluate.losses import classification_loss
+from objcrop.evaluate.metrics import chance_level, labels_for_task, score_predictions
 from objcrop.ssl.backbones import build_backbone, is_timm
 from objcrop.ssl.checkpoint import atomic_torch_save
 
@@ -44,12 +45,6 @@ def build_classifier(arch: str, num_classes: int, small_images: bool = False) ->
     net, dim = build_backbone(arch, small_images=small_images)
     net.add_module("fc", nn.Linear(dim, num_classes))
     return net
-
-
-def _loss(task: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    if task == "multi":
-        return F.binary_cross_entropy_with_logits(logits, targets)
-    return F.cross_entropy(logits, targets)
 
 
 def train_supervised(
@@ -114,7 +109,10 @@ def train_supervised(
             for images, index, ok in loader:
                 if int(ok.sum()) < 2:  # BatchNorm needs two images
                     continue
-                loss = _loss(task, model(images[ok].to(device)), targets[index[ok]].to(device))
+                # Averaged over the classes too (see classification_loss for why the probes sum instead).
+                loss = classification_loss(
+                    task, model(images[ok].to(device)), targets[index[ok]].to(device), class_reduction="mean"
+                )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -61,10 +61,34 @@ def test_bad_arguments_exit_with_a_message(dataset_args, capsys):
     assert "missing.pth" in capsys.readouterr().err
 
 
-def test_command_choices_agree_with_the_library():
-    import objcrop.commands.linear as command
-    from objcrop.evaluate import features, linear
+def _options(command: str) -> dict:
+    """``{dest: (choices, default)}`` of the subcommand's arguments."""
+    from objcrop.cli import build_parser
 
-    assert command.TASKS == linear.TASKS and command.PROTOCOLS == linear.PROTOCOLS
-    assert command.READOUT_MODES == features.READOUT_MODES
-    assert (command.DEFAULT_LRS, command.DEFAULT_WDS) == (linear.DEFAULT_LRS, linear.DEFAULT_WDS)
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    return {a.dest: (a.choices, a.default) for a in sub._actions}
+
+
+def test_command_choices_and_defaults_come_from_the_library():
+    from objcrop.data.readers import ANNOTATION_FILE_FORMATS, FORMATS
+    from objcrop.evaluate import features, linear, metrics
+
+    for command in ("linear", "knn", "supervised"):
+        options = _options(command)
+        assert options["task"][0] == metrics.TASKS and options["format"][0] == FORMATS
+    linear_options = _options("linear")
+    assert linear_options["protocol"][0] == linear.PROTOCOLS and linear_options["mode"][0] == features.READOUT_MODES
+    assert linear_options["lrs"][1] == list(linear.DEFAULT_LRS) and linear_options["wds"][1] == list(linear.DEFAULT_WDS)
+    assert _options("knn")["mode"][0] == features.READOUT_MODES
+    # detect reads --train-annotations/--test-annotations: the formats that take an annotations file.
+    assert _options("detect")["format"][0] == ANNOTATION_FILE_FORMATS == ("coco", "voc", "openimages", "yolo")
+
+
+def test_building_the_parser_imports_neither_torch_nor_sklearn():
+    import subprocess
+    import sys
+
+    code = "import sys; from objcrop.cli import build_parser; build_parser(); "
+    code += "print('torch' in sys.modules, 'sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
