@@ -7,6 +7,8 @@ import csv
 import json
 import logging
 import math
+import re
+import runpy
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +108,9 @@ def test_sample_fields_and_batches(scenes):
     assert torch.equal(batch["crops"][0], sample["crops"])
     views = dataset.view_maker(channels_last=False).from_batch(batch, "cpu")
     assert [tuple(v.shape) for v in views] == [(5, 3, 16, 16)] * 2
+    # Made in a worker process (the padded batch is filled in shared memory): the same batch.
+    (again,) = DataLoader(dataset, batch_size=5, sampler=[4, 0, 1, 2, 3], collate_fn=dataset.collate, num_workers=1)
+    assert all(torch.equal(batch[k], again[k]) for k in ("images", "sizes", "crops", "params", "kinds", "index"))
 
 
 def test_bad_images_are_skipped_counted_and_logged_as_by_the_loader_path(scenes, tmp_path, caplog):
@@ -298,3 +303,17 @@ def test_config_checks_augment_on(train_scenes, tmp_path):
     shards.mkdir()
     with pytest.raises(ConfigError, match="crops.augment_on: streamed webdataset"):
         tiny_config(train_scenes, tmp_path, **{"data.format": "webdataset", "data.images": str(shards)})
+
+
+def test_gpu_benchmark_end_to_end_part_runs_quick_on_cpu(capsys):
+    """The end-to-end part of benchmarks/gpu_throughput.py: real JPEGs, both paths, the ceiling (a crash test)."""
+    script = runpy.run_path(str(Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_throughput.py"))
+    script["main"](["--quick", "--device", "cpu", "--no-reference"])
+    out = capsys.readouterr().out
+    for row in (
+        "random-tensor step \\(ceiling\\)",
+        "loader path \\(views in workers\\)",
+        "device path \\(views on device\\)",
+    ):
+        assert re.search(row + r" +\d+\.\d", out), row
+    assert re.search(r"device path .* of ceiling, \d+\.\d\dx loader", out)
