@@ -14,6 +14,8 @@ _LAZY = {
     "byol_view_transforms": "objcrop.crops.augment",
     "moco_v2_view_transform": "objcrop.crops.augment",
     "ObjectAwareDataset": "objcrop.crops.dataset",
+    "DeviceViewDataset": "objcrop.crops.device_dataset",
+    "DeviceViewMaker": "objcrop.crops.device_views",
     "ViewPairStats": "objcrop.crops.transforms",
     "ViewPairTransform": "objcrop.crops.transforms",
     "resized_crop": "objcrop.crops.transforms",
