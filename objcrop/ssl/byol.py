@@ -3,8 +3,8 @@
 The online network is backbone -> projector -> predictor; the target network is an EMA copy of
 backbone -> projector whose decay ``tau`` rises from ``base_tau`` to 1 along a cosine
 (:func:`objcrop.ssl.schedules.byol_tau`). With ``separate_heads`` the projector (online and target)
-is routed by view kind; the predictor is shared. Same trainer interface as
-:class:`~objcrop.ssl.moco.MoCoV2`. The paper trains it with :class:`~objcrop.ssl.lars.LARS`.
+is routed by view kind; the predictor is shared. It meets the contract of
+:class:`~objcrop.ssl.base.SSLMethod`. The paper trains it with :class:`~objcrop.ssl.lars.LARS`.
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ import torch
 import torch.nn as nn
 
 from objcrop.ssl.backbones import build_backbone, convert_sync_batchnorm
+from objcrop.ssl.base import SSLMethod
 from objcrop.ssl.heads import KindRoutedHead, MLPHead, ViewEncoder, views_and_kinds
 from objcrop.ssl.losses import byol_loss
-from objcrop.ssl.moco import ema_update_, momentum_copy
+from objcrop.ssl.momentum import ema_update_, momentum_copy
 from objcrop.ssl.schedules import byol_tau
 
 __all__ = ["BYOL"]
 
 
-class BYOL(nn.Module):
+class BYOL(SSLMethod):
     """BYOL: online network with predictor, EMA target network, symmetric regression loss.
 
     Args:
@@ -47,6 +48,8 @@ class BYOL(nn.Module):
         small_images: bool = False,
     ) -> None:
         super().__init__()
+        self.arch, self.small_images = backbone, small_images
+        self.has_unused_parameters = separate_heads  # a batch may hold no view of one projector's kind
         trunk, feature_dim = build_backbone(backbone, small_images=small_images)
         projector = KindRoutedHead(
             lambda: MLPHead(feature_dim, proj_hidden_dim, proj_dim, batch_norm=True), separate=separate_heads

@@ -4,7 +4,7 @@ Each encoder has a global head (average pool + MLP, as MoCo-v2) and a dense head
 every C5 location). Query locations are matched to key locations by the cosine similarity of the
 backbone features; each match is a positive, and a second queue holds the dense negatives: one
 average-pooled key-grid vector per sample, as in the paper (``dense_queue="pooled"``), or every
-key location (``"locations"``). Same trainer interface as :class:`~objcrop.ssl.moco.MoCoV2`.
+key location (``"locations"``). It meets the contract of :class:`~objcrop.ssl.base.SSLMethod`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from objcrop.ssl.backbones import build_backbone, convert_sync_batchnorm
+from objcrop.ssl.distributed import batch_shuffle, batch_unshuffle, split_bn_forward, world_size
 from objcrop.ssl.heads import ConvMLPHead, KindRoutedHead, MLPHead, views_and_kinds
 from objcrop.ssl.losses import (
     contrastive_accuracy,
@@ -25,15 +26,8 @@ from objcrop.ssl.losses import (
     densecl_loss,
     info_nce_from_logits,
 )
-from objcrop.ssl.moco import (
-    KeyQueue,
-    MomentumEncoders,
-    batch_shuffle,
-    batch_unshuffle,
-    momentum_copy,
-    split_bn_forward,
-    world_size,
-)
+from objcrop.ssl.moco import KeyQueue
+from objcrop.ssl.momentum import MomentumEncoders, momentum_copy
 
 __all__ = ["DENSE_QUEUES", "DenseCL", "DenseEncoder", "DenseOutput"]
 
@@ -94,7 +88,7 @@ class DenseCL(MomentumEncoders):
         symmetric: Also use view 2 as query and view 1 as key (mean of both directions).
         small_images: CIFAR-style stem for 32-96 px inputs.
         split_bn_groups: Groups of the single-process shuffle-BN emulation for the queues
-            (:func:`~objcrop.ssl.moco.split_bn_forward`); 1 turns it off.
+            (:func:`~objcrop.ssl.distributed.split_bn_forward`); 1 turns it off.
     """
 
     def __init__(
@@ -122,6 +116,8 @@ class DenseCL(MomentumEncoders):
             raise ValueError(f"dense_queue must be one of {DENSE_QUEUES}, got {dense_queue!r}")
         if not 0.0 <= lambda_ <= 1.0:
             raise ValueError(f"lambda_ must lie in [0, 1], got {lambda_}")
+        self.arch, self.small_images = backbone, small_images
+        self.has_unused_parameters = separate_heads  # a batch may hold no view of one head pair's kind
         trunk, feature_dim = build_backbone(backbone, small_images=small_images, feature_map=True)
         hidden_dim = hidden_dim or feature_dim
         self.query_encoder = DenseEncoder(

@@ -1,14 +1,11 @@
-"""MoCo-v2 (Chen et al., 2020) with kind-routed projection heads, plus the pieces DenseCL and BYOL reuse.
+"""MoCo-v2 (Chen et al., 2020) with kind-routed projection heads, and the key queue DenseCL reuses.
 
-Interface shared by the methods, for the trainer:
-
-* ``forward(batch) -> dict``: ``loss`` (with grad) and detached statistics. In ``train()`` mode the
-  forward also pushes the new keys into the queue; in ``eval()`` mode it leaves the queue alone.
-* ``after_optimizer_step(step, total_steps) -> dict``: the momentum (EMA) update of the key encoder,
-  called once after every optimizer step. Official MoCo updates at the start of ``forward`` instead;
-  the sequence of key-encoder weights is the same (the first update there is a no-op because both
-  encoders start equal), and updating after the step keeps gradient accumulation correct.
-* Only parameters with ``requires_grad`` belong in the optimizer: the key encoder has none.
+The method meets the contract of :class:`~objcrop.ssl.base.SSLMethod`. In ``train()`` mode the forward
+also pushes the new keys into the queue; in ``eval()`` mode it leaves the queue alone. The momentum
+update of the key encoder runs in ``after_optimizer_step`` (:class:`~objcrop.ssl.momentum.MomentumEncoders`),
+once after every optimizer step. Official MoCo updates at the start of ``forward`` instead; the sequence
+of key-encoder weights is the same (the first update there is a no-op because both encoders start
+equal), and updating after the step keeps gradient accumulation correct.
 
 Under ``torch.distributed`` every rank must use the same per-rank batch size (keys and images are
 gathered with ``all_gather``). Works with NCCL and with gloo on CPU. Every rank enqueues the same
@@ -17,30 +14,18 @@ gathered keys, so the queues stay equal without DDP's buffer broadcast (``broadc
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from objcrop.ssl.backbones import build_backbone, convert_sync_batchnorm
+from objcrop.ssl.distributed import batch_shuffle, batch_unshuffle, concat_all_gather, split_bn_forward, world_size
 from objcrop.ssl.heads import KindRoutedHead, MLPHead, ViewEncoder, views_and_kinds
 from objcrop.ssl.losses import contrastive_accuracy, contrastive_logits, info_nce_from_logits
+from objcrop.ssl.momentum import MomentumEncoders, momentum_copy
 
-__all__ = [
-    "NEGATIVES",
-    "KeyQueue",
-    "MoCoV2",
-    "MomentumEncoders",
-    "batch_shuffle",
-    "batch_unshuffle",
-    "concat_all_gather",
-    "ema_update_",
-    "momentum_copy",
-    "split_bn_forward",
-    "world_size",
-]
+__all__ = ["NEGATIVES", "KeyQueue", "MoCoV2"]
 
 
 # What MoCoV2's ``negatives`` may be (see its docstring).
@@ -48,132 +33,6 @@ NEGATIVES = ("positive-head", "all")
 
 # A logit far below any cosine / temperature: the softmax gives it no weight and no gradient.
 _MASKED = -1e4
-
-
-def world_size() -> int:
-    """Number of ranks, 1 outside an initialised process group."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-@torch.no_grad()
-def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenates ``x`` from every rank along dim 0 (rank order); no gradient. Identity on one rank."""
-    n = world_size()
-    if n == 1:
-        return x
-    gathered = [torch.empty_like(x) for _ in range(n)]
-    dist.all_gather(gathered, x.contiguous())
-    return torch.cat(gathered)
-
-
-@torch.no_grad()
-def batch_shuffle(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """MoCo's shuffling BN: deals the global batch out to the ranks in a random order.
-
-    All tensors share one permutation, drawn on rank 0 and broadcast. Each rank then encodes a
-    batch drawn from every rank, so BatchNorm statistics cannot leak which key belongs to which
-    query. With one process this is a no-op (BatchNorm over the whole batch ignores order).
-
-    Returns:
-        The shuffled tensors for this rank and the index that undoes the permutation (``None``
-        with one process), for :func:`batch_unshuffle`. One process: see :func:`split_bn_forward`.
-    """
-    n = world_size()
-    if n == 1:
-        return list(tensors), None
-    gathered = [concat_all_gather(t) for t in tensors]
-    permutation = torch.randperm(gathered[0].shape[0], device=gathered[0].device)
-    dist.broadcast(permutation, src=0)
-    mine = permutation.view(n, -1)[dist.get_rank()]
-    return [g[mine] for g in gathered], torch.argsort(permutation)
-
-
-@torch.no_grad()
-def batch_unshuffle(tensors: list[torch.Tensor], idx_unshuffle: torch.Tensor | None) -> list[torch.Tensor]:
-    """Brings outputs computed on :func:`batch_shuffle` inputs back to this rank's original samples."""
-    if idx_unshuffle is None:
-        return list(tensors)
-    mine = idx_unshuffle.view(world_size(), -1)[dist.get_rank()]
-    return [concat_all_gather(t)[mine] for t in tensors]
-
-
-def has_batch_norm(module: nn.Module) -> bool:
-    """True when ``module`` holds a BatchNorm layer (SyncBatchNorm included)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-
-def _cat_outputs(parts: list) -> object:
-    """Concatenates per-group outputs: tensors, or (named) tuples and lists of them, field by field."""
-    first = parts[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(parts)
-    fields = [_cat_outputs([p[i] for p in parts]) for i in range(len(first))]
-    return type(first)(*fields) if hasattr(first, "_fields") else type(first)(fields)
-
-
-def _take(outputs, index: torch.Tensor):
-    if isinstance(outputs, torch.Tensor):
-        return outputs[index]
-    fields = [_take(o, index) for o in outputs]
-    return type(outputs)(*fields) if hasattr(outputs, "_fields") else type(outputs)(fields)
-
-
-@torch.no_grad()
-def split_bn_forward(
-    encoder: nn.Module, views: list[torch.Tensor], kinds: torch.Tensor, groups: int, min_group_size: int = 8
-) -> list:
-    """Shuffle-BN in one process: the key batch is shuffled and encoded in ``groups`` sub-batches.
-
-    With several ranks, :func:`batch_shuffle` makes each key's BatchNorm statistics come from a random
-    sub-batch that does not hold its query's sub-batch. In one process the whole key batch shares one
-    set of statistics, which the positive key shares with its query's batch while the queued negatives
-    do not: the network can find the positive from the statistics alone (MoCo's "BN leak"). Here each
-    group is normalised with its own statistics, like the official single-GPU demo's SplitBatchNorm
-    (which also averages the running statistics over groups; here each group updates them in turn, which
-    only matters for a key encoder put in eval mode). Groups hold at least ``min_group_size`` samples:
-    statistics of a handful of samples are mostly noise (MoCo's per-GPU batch is 32), so small batches
-    get fewer groups, and a batch under twice that size is encoded whole.
-
-    Args:
-        encoder: Called as ``encoder(views, kinds)``; returns one output per view (tensors or tuples).
-        views: ``V`` tensors ``[B, ...]``.
-        kinds: ``[B, V]`` kind codes.
-        groups: Number of groups (like the number of GPUs the shuffle emulates).
-        min_group_size: Smallest group (at least 2: BatchNorm needs two samples in train mode).
-
-    Returns:
-        The encoder's outputs, in the original sample order.
-    """
-    n = kinds.shape[0]
-    groups = min(int(groups), n // max(2, int(min_group_size)))
-    if groups <= 1:
-        return encoder(views, kinds)
-    permutation = torch.randperm(n, device=kinds.device)
-    parts = [encoder([v[idx] for v in views], kinds[idx]) for idx in torch.chunk(permutation, groups)]
-    restore = torch.argsort(permutation)
-    return [_take(_cat_outputs([p[j] for p in parts]), restore) for j in range(len(views))]
-
-
-def momentum_copy(module: nn.Module) -> nn.Module:
-    """A frozen deep copy of ``module``, to be updated only by :func:`ema_update_`."""
-    target = copy.deepcopy(module)
-    target.requires_grad_(False)
-    return target
-
-
-@torch.no_grad()
-def ema_update_(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """``target = momentum * target + (1 - momentum) * online``, parameter by parameter.
-
-    Only parameters are averaged; each network keeps its own BatchNorm running statistics, as in
-    the official MoCo and BYOL code.
-    """
-    target_params = list(target.parameters())
-    online_params = list(online.parameters())
-    if len(target_params) != len(online_params):
-        raise ValueError("target and online networks have different parameter lists")
-    torch._foreach_mul_(target_params, momentum)
-    torch._foreach_add_(target_params, online_params, alpha=1.0 - momentum)
 
 
 class KeyQueue(nn.Module):
@@ -212,29 +71,6 @@ class KeyQueue(nn.Module):
         self.ptr.copy_((self.ptr + keys.shape[0]) % size)
 
 
-class MomentumEncoders(nn.Module):
-    """What MoCo-style methods share: a query encoder, its momentum (EMA) copy as key encoder, and the
-    trainer hook that updates the copy. Subclasses set ``query_encoder``, ``key_encoder`` and ``momentum``."""
-
-    query_encoder: nn.Module
-    key_encoder: nn.Module
-    momentum: float
-
-    @property
-    def backbone(self) -> nn.Module:
-        """The query backbone: the network kept for evaluation and transfer."""
-        return self.query_encoder.backbone
-
-    def momentum_update(self) -> None:
-        """Moves the key encoder toward the query encoder: ``k = m k + (1 - m) q``."""
-        ema_update_(self.key_encoder, self.query_encoder, self.momentum)
-
-    def after_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
-        """Trainer hook, once after each optimizer step: the momentum update."""
-        self.momentum_update()
-        return {"momentum": self.momentum}
-
-
 class MoCoV2(MomentumEncoders):
     """MoCo-v2: query encoder, momentum key encoder and a queue of negative keys.
 
@@ -250,8 +86,9 @@ class MoCoV2(MomentumEncoders):
         temperature: Softmax temperature.
         separate_heads: One head for object views and one for context views (see
             :class:`~objcrop.ssl.heads.KindRoutedHead`).
-        shuffle_bn: Shuffle the key batch across ranks (:func:`batch_shuffle`). In one process with a
-            queue, emulate it with ``split_bn_groups`` groups (:func:`split_bn_forward`).
+        shuffle_bn: Shuffle the key batch across ranks (:func:`~objcrop.ssl.distributed.batch_shuffle`). In
+            one process with a queue, emulate it with ``split_bn_groups`` groups
+            (:func:`~objcrop.ssl.distributed.split_bn_forward`).
         sync_bn: Convert the BatchNorm layers of both encoders to SyncBatchNorm (which makes
             ``shuffle_bn`` unnecessary: statistics then span the global batch anyway).
         symmetric: Also use view 2 as query and view 1 as key; the loss is the mean of both
@@ -284,6 +121,8 @@ class MoCoV2(MomentumEncoders):
         super().__init__()
         if split_bn_groups < 1:
             raise ValueError(f"split_bn_groups must be >= 1, got {split_bn_groups}")
+        self.arch, self.small_images = backbone, small_images
+        self.has_unused_parameters = separate_heads  # a batch may hold no view of one head's kind
         if negatives not in NEGATIVES:
             raise ValueError(f"negatives must be one of {', '.join(NEGATIVES)}, got {negatives!r}")
         trunk, feature_dim = build_backbone(backbone, small_images=small_images)

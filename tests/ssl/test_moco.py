@@ -9,8 +9,9 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from objcrop.crops.policies import KIND_CODES
+from objcrop.ssl.distributed import batch_shuffle, batch_unshuffle, concat_all_gather, split_bn_forward
 from objcrop.ssl.heads import KindRoutedHead, MLPHead, views_and_kinds
-from objcrop.ssl.moco import KeyQueue, MoCoV2, batch_shuffle, batch_unshuffle, concat_all_gather, split_bn_forward
+from objcrop.ssl.moco import KeyQueue, MoCoV2
 from objcrop.ssl.reference import reference_moco_v2_step
 
 torch.set_num_threads(1)
