@@ -7,13 +7,19 @@ import csv
 import json
 import logging
 import math
+import os
 import re
 import runpy
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
@@ -317,3 +323,37 @@ def test_gpu_benchmark_end_to_end_part_runs_quick_on_cpu(capsys):
     ):
         assert re.search(row + r" +\d+\.\d", out), row
     assert re.search(r"device path .* of ceiling, \d+\.\d\dx loader", out)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_and_resume_on_the_device_path_matches_the_uninterrupted_run(train_scenes, tmp_path):
+    """A CLI run on the device path with a DataLoader worker, killed after its step-4 checkpoint and resumed
+    without workers, ends with the weights and losses of an uninterrupted in-process run."""
+    reference = tmp_path / "reference"
+    pretrain(tiny_config(train_scenes, reference, **{"optim.max_steps": 8}))
+    run = tmp_path / "run"
+    settings = tiny_config(train_scenes, run, **{"optim.max_steps": 8, "train.workers": 1})
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    target = run / "checkpoints" / "ckpt-00000004.pt"
+    with open(tmp_path / "killed.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "objcrop", "pretrain", "--config", str(cfg)], stdout=log, stderr=log, env=env
+        )
+        deadline = time.monotonic() + 300
+        while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        finished = proc.poll() is not None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not finished, (tmp_path / "killed.log").read_text()
+    assert target.exists(), "no step-4 checkpoint within 300 s"
+    for later in (run / "checkpoints").glob("ckpt-*.pt"):
+        if int(later.stem.split("-")[1]) > 4:
+            later.unlink()
+    result = pretrain(load_config(cfg, ["train.workers=0"]))
+    assert Path(result.resumed_from).name == "ckpt-00000004.pt" and result.steps == 8
+    a, b = final_model(run), final_model(reference)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(run) == losses(reference)
