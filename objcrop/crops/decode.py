@@ -5,11 +5,11 @@ else (PNG, WebP, TIFF, tar shard members, and any JPEG a fast decoder refuses) t
 :func:`objcrop.data.images.load_image`, so the device path sees the same upright RGB pixels as the loader
 path and raises the same :class:`~objcrop.data.images.ImageReadError` naming the file.
 
-Measured on the 128 COCO images of ``shared/data/coco128`` (one thread of a shared 2-core x86 machine,
-``benchmarks/bench_loader.py``): PIL's ``load_image`` 3.8 ms per image (5.9 ms with the copy to a ``[3, H, W]``
-tensor), ``torchvision.io.decode_jpeg`` 3.2 ms, TorchCodec 0.17's ``decode_jpeg`` 3.3 ms; the three give
-identical pixels (all are libjpeg-turbo), apply the EXIF orientation (torchvision when asked) and decode CMYK
-and grayscale JPEGs to the same RGB.
+Measured on the 128 COCO images of ``shared/data/coco128`` (one thread of a shared 2-core AMD EPYC machine,
+``benchmarks/bench_loader.py --decoders``, three runs): PIL's ``load_image`` 3.7-3.8 ms per image (4.4-5.9 ms
+with the copy to a ``[3, H, W]`` tensor), ``torchvision.io.decode_jpeg`` 3.2-3.5 ms, TorchCodec 0.17's
+``decode_jpeg`` 3.3-3.7 ms. The three give identical pixels (all are libjpeg-turbo), apply the EXIF orientation
+(torchvision when asked) and decode CMYK and grayscale JPEGs to the same RGB.
 
 torchvision 0.29 deprecates its decoders in favour of TorchCodec: every call warns (``DeprecationWarning``),
 and a later release removes them. TorchCodec is not faster on the CPU, and its wheels are tied to one torch

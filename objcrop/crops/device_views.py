@@ -13,7 +13,8 @@ views reach a PSNR of at least 32.7 dB per view on COCO images, from 48 to 224 p
 Augmentations: small vectorised torch ops with explicit per-view parameters, plus ``kornia.color`` (HSV for
 the hue shift) and ``kornia.filters.gaussian_blur2d`` (one sigma per view). ``kornia.augmentation`` was
 measured instead (``benchmarks/bench_loader.py --compare-augment``: MoCo-v2 on 128 views of 96 px, one thread
-of a shared 2-core x86 machine): 0.25 s per batch for kornia's ``AugmentationSequential``, 0.16 s here.
+of a shared 2-core AMD EPYC machine, two runs): 0.17-0.25 s per batch for kornia's ``AugmentationSequential``,
+0.14-0.16 s here.
 The larger reason is determinism, though: kornia draws its parameters from torch's global generator, per batch,
 so a sample's augmentation would depend on the other samples of its batch. Here the parameters are drawn on the
 loader side from the sample's own generator (:meth:`AugmentPreset.draw`), so they are a function of
