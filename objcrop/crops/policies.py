@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from objcrop import boxes as B
+from objcrop import registry
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +41,8 @@ __all__ = [
 VIEW_KINDS = ("object", "dilated", "shifted", "scene")
 KIND_CODES = {k: i for i, k in enumerate(VIEW_KINDS)}
 
-# name -> (region of view 1, region of view 2). "object" regions are proposals, "dilated" and
-# "shifted" regions are derived from the same proposal, "scene" is the whole image.
-POLICIES: dict[str, tuple[str, str]] = {
-    "scene-scene": ("scene", "scene"),
-    "obj-scene": ("object", "scene"),
-    "obj-obj-dilate": ("object", "dilated"),
-    "obj-obj-shift": ("object", "shifted"),
-    "dilate-dilate": ("dilated", "dilated"),
-    "obj-obj": ("object", "object"),
-}
+# name -> (region of view 1, region of view 2), registered in objcrop.registry (one line per policy).
+POLICIES = registry.POLICIES
 
 
 # How the RandomResizedCrop area range of object/dilated/shifted regions is chosen (besides a
@@ -188,6 +181,8 @@ class ViewPairPolicy:
             raise ValueError(f"delta must be finite, got {delta}")
         self.name = name
         self.region_kinds = POLICIES[name]
+        if len(self.region_kinds) != 2 or not set(self.region_kinds) <= set(VIEW_KINDS):
+            raise ValueError(f"policy {name!r}: expected two regions of {VIEW_KINDS}, got {self.region_kinds!r}")
         self.delta = 0.0 if name == "obj-obj" else float(delta)
         self.shift_radius = (float(shift_radius[0]), float(shift_radius[1]))
         self.topk = int(topk)

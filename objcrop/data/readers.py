@@ -1,31 +1,24 @@
-"""One entry point for every dataset format: ``load_records(fmt, ...)``."""
+"""One entry point for every dataset format: ``load_records(fmt, ...)``.
+
+The formats are the table :data:`objcrop.registry.FORMATS` (one line each: the reader, what
+``--annotations`` is for it, the optional files it takes); a reader is imported when it is used.
+"""
 
 from __future__ import annotations
 
 import os
 
-from objcrop.data.coco import read_coco
-from objcrop.data.folder import read_folder
-from objcrop.data.openimages import read_openimages
 from objcrop.data.records import Records
-from objcrop.data.voc import read_voc
-from objcrop.data.webdataset import read_webdataset
-from objcrop.data.yolo import read_yolo
+from objcrop.registry import FORMATS as _REGISTRY
+from objcrop.registry import import_target
 
 __all__ = ["ANNOTATION_FILE_FORMATS", "FORMATS", "load_records"]
 
-FORMATS = ("coco", "voc", "openimages", "yolo", "folder", "webdataset")
+FORMATS = _REGISTRY.names()
+ANNOTATION_FILE_FORMATS = tuple(f for f in FORMATS if _REGISTRY[f].annotations is not None)  # read --annotations
 
-# What --annotations is for each format (None: the format takes none).
-_ANNOTATIONS = {
-    "coco": "the instances JSON",
-    "voc": "the Annotations folder or an ImageSets list file",
-    "openimages": "the boxes CSV",
-    "yolo": "the labels folder",
-    "folder": None,
-    "webdataset": None,  # boxes come from each sample's json member
-}
-ANNOTATION_FILE_FORMATS = tuple(f for f in FORMATS if _ANNOTATIONS[f] is not None)  # those read from --annotations
+# The optional files, as the command line names them.
+_FLAGS = {"labels_csv": "--labels-csv", "classes_csv": "--classes-csv"}
 
 
 def load_records(
@@ -51,28 +44,25 @@ def load_records(
         ValueError: Unknown format, or an argument missing or not used by the format (the message
             names the command-line flag).
     """
-    if fmt not in FORMATS:
+    if fmt not in _REGISTRY:
         raise ValueError(f"unknown dataset format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if images is None:
         raise ValueError(f"format '{fmt}' needs --images (the folder of the images)")
-    needs = _ANNOTATIONS[fmt]
-    if needs is not None and annotations is None:
-        raise ValueError(f"format '{fmt}' needs --annotations ({needs})")
-    if needs is None and annotations is not None:
+    spec = _REGISTRY[fmt]
+    if spec.annotations is not None and annotations is None:
+        raise ValueError(f"format '{fmt}' needs --annotations ({spec.annotations})")
+    if spec.annotations is None and annotations is not None:
         raise ValueError(f"format '{fmt}' takes no --annotations (it reads only --images)")
-    if labels_csv is not None and fmt != "openimages":
-        raise ValueError(f"--labels-csv is only for format 'openimages', not '{fmt}'")
-    if classes_csv is not None and fmt not in ("openimages", "yolo"):
-        raise ValueError(f"--classes-csv is only for formats 'openimages' and 'yolo', not '{fmt}'")
-
-    if fmt == "coco":
-        return read_coco(annotations, images)
-    if fmt == "voc":
-        return read_voc(annotations, images)
-    if fmt == "openimages":
-        return read_openimages(annotations, images, labels_csv=labels_csv, classes_csv=classes_csv)
-    if fmt == "yolo":
-        return read_yolo(annotations, images, class_names=classes_csv)
-    if fmt == "webdataset":
-        return read_webdataset(images)
-    return read_folder(images)
+    options = {}
+    for option, value in (("labels_csv", labels_csv), ("classes_csv", classes_csv)):
+        if value is None:
+            continue
+        if option not in spec.options:
+            takers = [f"'{f}'" for f in FORMATS if option in _REGISTRY[f].options]
+            noun = "format" if len(takers) == 1 else "formats"
+            raise ValueError(f"{_FLAGS[option]} is only for {noun} {' and '.join(takers)}, not '{fmt}'")
+        options[spec.options[option]] = value
+    reader = import_target(spec.reader)
+    if spec.annotations is None:
+        return reader(images, **options)
+    return reader(annotations, images, **options)

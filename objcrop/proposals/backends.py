@@ -1,9 +1,11 @@
-"""The registry of proposal backends.
+"""The proposal backends: what ``objcrop propose --backend`` builds.
 
-:data:`BACKENDS` maps a name to a factory: ``factory(**options) -> proposer``, where a proposer is
+:data:`BACKENDS` (the table in :mod:`objcrop.registry`, one line per backend) maps a name to a factory,
+``factory(**options) -> proposer``, where a proposer is
 ``proposer(image HxWx3 uint8 RGB) -> (boxes float32 [n, 4] xyxy, scores float32 [n])``, best first.
-A backend with an optional dependency imports it inside its factory (see :func:`require`), so
-that the registry itself always imports.
+The table holds ``"module:Class"`` strings, imported when a backend is built, so listing the names
+imports no backend; a backend with an optional dependency imports it inside its factory (see
+:func:`require`), so that a missing dependency is a clear message naming the pip requirement.
 
 ``"gt"`` (:data:`GT`) is the one backend that reads annotations instead of pixels, so it has no
 per-image proposer and no entry in :data:`BACKENDS`. It needs no store either: ``--proposals gt``
@@ -17,8 +19,7 @@ import importlib
 import inspect
 from collections.abc import Callable
 
-from objcrop.proposals.opencv_backends import EdgeBoxes, OpenCVBing, SelectiveSearch
-from objcrop.proposals.random_boxes import RandomBoxProposer
+from objcrop.registry import BACKENDS
 
 __all__ = ["GT", "BACKENDS", "MissingDependencyError", "backend_names", "backend_options", "make_proposer", "require"]
 
@@ -27,22 +28,6 @@ GT = "gt"
 
 class MissingDependencyError(ValueError):
     """A backend's optional dependency is not installed."""
-
-
-def _bing(model: str, topk: int = 1000, binarized: bool = True, per_size: int = 0, rescore: bool = True):
-    """Our BING (``objcrop bing train``); imported on use so that the registry does not load numba."""
-    from objcrop.proposals.bing import BingProposer
-
-    return BingProposer(model, topk=topk, binarized=binarized, per_size=per_size, rescore=rescore)
-
-
-BACKENDS: dict[str, Callable] = {
-    "bing": _bing,
-    "opencv-bing": OpenCVBing,
-    "selective-search": SelectiveSearch,
-    "edgeboxes": EdgeBoxes,
-    "random": RandomBoxProposer,
-}
 
 
 def backend_names() -> list[str]:
