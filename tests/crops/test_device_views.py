@@ -160,6 +160,12 @@ def loader_view_augment(compose: v2.Compose) -> ViewAugment:
     return ViewAugment(**{k: tuple(round(x, 6) for x in v) if isinstance(v, tuple) else v for k, v in fields.items()})
 
 
+def test_every_loader_preset_in_the_registry_has_a_device_twin():
+    from objcrop import registry
+
+    assert set(registry.AUGMENTS.names()) <= set(AUGMENT_PRESETS)
+
+
 def test_presets_have_the_loader_presets_parameters():
     assert AUGMENT_PRESETS["moco-v2"].views == (loader_view_augment(moco_v2_view_transform()),) * 2
     assert AUGMENT_PRESETS["byol"].views == tuple(loader_view_augment(t) for t in byol_view_transforms())
