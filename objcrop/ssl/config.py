@@ -32,6 +32,8 @@ from typing import Any
 
 import yaml
 
+from objcrop import registry
+
 __all__ = [
     "ConfigError",
     "DEFAULTS",
@@ -107,11 +109,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
+# The extension points' names come from their tables in objcrop.registry; the rest are fixed here.
 CHOICES = {
-    "crops.policy": ("scene-scene", "obj-scene", "obj-obj-dilate", "obj-obj-shift", "dilate-dilate", "obj-obj"),
-    "crops.augment": ("moco-v2", "byol"),
+    "data.format": registry.FORMATS.names(),
+    "crops.policy": registry.POLICIES.names(),
+    "crops.augment": registry.AUGMENTS.names(),
     "crops.augment_on": ("auto", "loader", "device"),
-    "method.name": ("moco", "byol", "densecl"),
+    "method.name": registry.METHODS.names(),
     "optim.name": ("sgd", "lars"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
@@ -220,19 +224,9 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
 
 
 def method_class(name: str):
-    """The method class behind ``method.name``."""
-    if name == "moco":
-        from objcrop.ssl.moco import MoCoV2
-
-        return MoCoV2
-    if name == "byol":
-        from objcrop.ssl.byol import BYOL
-
-        return BYOL
-    if name == "densecl":
-        from objcrop.ssl.densecl import DenseCL
-
-        return DenseCL
+    """The method class behind ``method.name`` (:data:`objcrop.registry.METHODS`, imported now)."""
+    if name in registry.METHODS:
+        return registry.METHODS[name]
     raise ConfigError(f"method.name: unknown method {name!r}; choose from {', '.join(CHOICES['method.name'])}")
 
 

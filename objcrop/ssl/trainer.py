@@ -137,16 +137,16 @@ def build_dataset(config: dict, records=None, device: torch.device | str | None 
     """The :class:`~objcrop.crops.dataset.ObjectAwareDataset` a config describes, or its device-path twin
     :class:`~objcrop.crops.device_dataset.DeviceViewDataset` when ``crops.augment_on`` resolves to ``device``
     (``auto`` does on a CUDA ``device``, the training device; without one it means the loader path)."""
-    from objcrop.crops.augment import byol_view_transforms, moco_v2_view_transform
     from objcrop.crops.dataset import ObjectAwareDataset
     from objcrop.crops.device_dataset import DeviceViewDataset, resolve_augment_on
     from objcrop.data.readers import load_records
     from objcrop.proposals import open_proposals
+    from objcrop.registry import AUGMENTS
 
     data, crops = config["data"], config["crops"]
     policy = build_policy(crops)
     size = int(crops["size"])
-    transform = byol_view_transforms(size) if crops["augment"] == "byol" else moco_v2_view_transform(size)
+    transform = AUGMENTS[crops["augment"]](size)  # one transform for both views, or a pair
     if data["format"] == "webdataset" and records is None:  # tar shards are streamed: objcrop.crops.streaming
         from objcrop.crops.streaming import StreamingObjectAwareDataset
 

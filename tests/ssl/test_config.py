@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from objcrop import registry
 from objcrop.cli import main
 from objcrop.ssl.config import (
     CHOICES,
@@ -50,8 +51,20 @@ def test_shipped_configs_exist():
 def test_every_shipped_config_validates(path, data):
     """Validation also builds the config's method (on the meta device) and its crop policy."""
     config = load_config(path, sets(data))
-    assert config["method"]["name"] in ("moco", "byol", "densecl")
+    assert config["method"]["name"] in registry.METHODS
     assert config["data"]["images"] == data["data.images"]
+
+
+def test_the_choices_of_extension_points_are_their_registries():
+    assert CHOICES["data.format"] == registry.FORMATS.names()
+    assert CHOICES["crops.policy"] == registry.POLICIES.names()
+    assert CHOICES["crops.augment"] == registry.AUGMENTS.names()
+    assert CHOICES["method.name"] == registry.METHODS.names()
+    for name in registry.METHODS:
+        assert method_class(name) is registry.METHODS[name]
+    listed = ", ".join(registry.METHODS)
+    with pytest.raises(ConfigError, match=f"^method.name: unknown method 'simclr'; choose from {listed}$"):
+        method_class("simclr")
 
 
 def test_overrides_are_parsed_as_yaml(data):
@@ -91,6 +104,8 @@ def test_yaml_file_reads_exponents_without_a_dot(tmp_path, data):
         ("optim.learning_rate=0.1", "optim.learning_rate: unknown key"),
         ("crops.policy=obj-obj-random", "crops.policy: 'obj-obj-random' is not one of"),
         ("method.name=simclr", "method.name: 'simclr' is not one of"),
+        ("data.format=pascal", "data.format: 'pascal' is not one of coco, voc"),
+        ("crops.augment=simclr", "crops.augment: 'simclr' is not one of"),
         ("train.precision=fp8", "train.precision"),
         ("method.queue_sise=1024", "method.queue_sise: not a parameter of MoCoV2"),
         ("method.backbone=vgg16", "method.backbone: MoCoV2(backbone='vgg16'): unknown backbone"),
