@@ -88,7 +88,9 @@ def paper_linear_probe(
     ys = as_targets(task, labels)
     classes = num_classes if num_classes is not None else num_classes_of(task, labels)
     head = LinearClassifier(dim, classes).to(device)
-    head.fc.reset_parameters()  # the MoCo protocol starts from a small random layer, not zeros
+    with torch.random.fork_rng(devices=[]):  # a function of the seed, not of the caller's global stream
+        torch.manual_seed(seed)
+        head.fc.reset_parameters()  # the MoCo protocol starts from a small random layer, not zeros
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=paper_milestones(epochs, milestones), gamma=0.1)
     dataset = RecordImages(records, augment_transform(size), size)
