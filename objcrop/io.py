@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_open", "write_bytes_atomic", "write_text_atomic", "write_json_atomic"]
+__all__ = ["atomic_open", "atomic_torch_save", "write_bytes_atomic", "write_text_atomic", "write_json_atomic"]
 
 
 def _umask() -> int:
@@ -46,6 +46,14 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", fsync: bool = False) 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
+    import torch  # here, not at the top: objcrop.io serves torch-free code too (``objcrop --help``)
+
+    with atomic_open(path, "wb", fsync=True) as f:
+        torch.save(obj, f)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
     from objcrop.evaluate.detection import DetectionConfig, run_detection
     from objcrop.evaluate.detection_metrics import METRICS
-    from objcrop.ssl.trainer import NonFiniteLossError
+    from objcrop.ssl.errors import NonFiniteLossError
 
     ground_truth = args.ground_truth or ("json" if args.format == "coco" else "records")
     if ground_truth == "json" and args.format != "coco":

@@ -44,12 +44,15 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         print(json.dumps(config, indent=2))
         return 0
+    from objcrop.analysis.loss_curve import LossPlot
     from objcrop.crops.dataset import NoUsableImageError
-    from objcrop.ssl.checkpoint import CheckpointError
-    from objcrop.ssl.trainer import NonFiniteLossError, pretrain
+    from objcrop.evaluate.monitors import knn_monitor
+    from objcrop.ssl.errors import CheckpointError, NonFiniteLossError
+    from objcrop.ssl.trainer import pretrain
 
+    monitors = [m for m in (knn_monitor(config), LossPlot()) if m is not None]
     try:
-        result = pretrain(config, resume=not args.no_resume)
+        result = pretrain(config, resume=not args.no_resume, monitors=monitors)
     except NonFiniteLossError as err:
         print(f"objcrop pretrain: {err}", file=sys.stderr)
         return 3

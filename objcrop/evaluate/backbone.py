@@ -3,7 +3,7 @@
 Three kinds of ``spec``:
 
 * ``runs/x/checkpoints/ckpt-00001000.pt``: a checkpoint written by ``objcrop pretrain``; the
-  architecture comes from its config (``method.backbone``, ``method.small_images``);
+  architecture is the one its method declares (:func:`objcrop.ssl.backbone_io.checkpoint_arch`);
 * ``backbone.pth``: a torchvision-named state dict (``objcrop export``, ``objcrop supervised``, or a
   torchvision ResNet's own weights; ``fc.*`` is ignored), or for ``timm:<name>`` a timm-named one (any
   ``timm.create_model(name).state_dict()``; the classifier head is ignored). The architecture is read from
@@ -17,8 +17,6 @@ Every file is read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import inspect
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,10 +24,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from objcrop.io import write_json_atomic
+from objcrop.ssl.backbone_io import backbone_from_checkpoint, checkpoint_arch, is_objcrop_checkpoint, read_arch_sidecar
 from objcrop.ssl.backbones import build_backbone, load_trunk_weights
+from objcrop.ssl.errors import CheckpointError
 
-__all__ = ["BackboneInfo", "RANDOM_PREFIX", "arch_sidecar", "backbone_info", "load_backbone", "write_arch_sidecar"]
+__all__ = ["BackboneInfo", "RANDOM_PREFIX", "backbone_info", "load_backbone"]
 
 RANDOM_PREFIX = "random:"
 
@@ -65,18 +64,6 @@ class BackboneInfo:
         return out
 
 
-def arch_sidecar(path: str | os.PathLike) -> Path:
-    """The JSON file next to a state dict that names its architecture: ``<path>.json``."""
-    return Path(f"{os.fspath(path)}.json")
-
-
-def write_arch_sidecar(path: str | os.PathLike, arch: str, small_images: bool, **extra) -> Path:
-    """Writes ``<path>.json`` with the architecture of the state dict at ``path`` (atomically)."""
-    sidecar = arch_sidecar(path)
-    write_json_atomic(sidecar, {"arch": arch, "small_images": bool(small_images), **extra}, indent=2)
-    return sidecar
-
-
 def _load_file(path: Path, mmap: bool = False) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -85,22 +72,6 @@ def _load_file(path: Path, mmap: bool = False) -> dict:
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict or an objcrop checkpoint, got {type(state).__name__}")
     return state
-
-
-def _is_objcrop_checkpoint(state: dict) -> bool:
-    return "model" in state and "config" in state and "step" in state
-
-
-def _checkpoint_arch(state: dict, path: Path) -> tuple[str, bool]:
-    from objcrop.ssl.config import method_class
-
-    try:
-        method = dict(json.loads(state["config"])["method"])
-    except (TypeError, KeyError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: checkpoint config has no readable 'method' section") from err
-    params = inspect.signature(method_class(method["name"]).__init__).parameters
-    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
-    return str(method.get("backbone", defaults["backbone"])), bool(method.get("small_images", defaults["small_images"]))
 
 
 def backbone_info(
@@ -130,16 +101,15 @@ def backbone_info(
         raise FileNotFoundError(f"backbone weights not found: {spec}")
     stat = path.stat()
     state = _load_file(path, mmap=True)  # only the config is needed here; mmap reads no tensor data
-    if _is_objcrop_checkpoint(state):
-        ckpt_arch, ckpt_small = _checkpoint_arch(state, path)
+    if is_objcrop_checkpoint(state):
+        ckpt_arch, ckpt_small = checkpoint_arch(state, path)
         if (arch is not None and arch != ckpt_arch) or (small_images is not None and small_images != ckpt_small):
             raise ValueError(
                 f"{path}: the checkpoint holds a {ckpt_arch} (small_images={ckpt_small}); "
                 "do not pass another --arch / --small-images"
             )
         return BackboneInfo(spec, "checkpoint", ckpt_arch, ckpt_small, str(path), stat.st_mtime_ns, stat.st_size)
-    sidecar = arch_sidecar(path)
-    meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    meta = read_arch_sidecar(path)
     arch = arch or meta.get("arch")
     if arch is None:
         raise ValueError(f"{path}: a plain state dict needs --arch (and --small-images if it has that stem)")
@@ -149,9 +119,6 @@ def backbone_info(
 
 def _trunk_weights(info: BackboneInfo) -> dict[str, torch.Tensor]:
     if info.kind == "checkpoint":
-        from objcrop.ssl.checkpoint import CheckpointError
-        from objcrop.ssl.export import backbone_from_checkpoint
-
         try:
             return backbone_from_checkpoint(info.path)
         except CheckpointError as err:

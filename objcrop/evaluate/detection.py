@@ -33,9 +33,9 @@ from objcrop.evaluate.detection_metrics import (
     ground_truth_from_records,
 )
 from objcrop.evaluate.detection_model import backbone_weights, build_detector
-from objcrop.io import write_json_atomic
-from objcrop.ssl.checkpoint import atomic_torch_save
-from objcrop.ssl.trainer import EpochSampler, NonFiniteLossError
+from objcrop.io import atomic_torch_save, write_json_atomic
+from objcrop.ssl.errors import NonFiniteLossError
+from objcrop.ssl.sampler import EpochSampler
 
 __all__ = [
     "DetectionConfig",

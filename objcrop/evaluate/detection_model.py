@@ -21,7 +21,6 @@ Normalization of the backbone (``norm``):
 
 from __future__ import annotations
 
-import json
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -35,6 +34,13 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from objcrop.ssl.backbone_io import (
+    arch_sidecar,
+    backbone_from_checkpoint,
+    checkpoint_arch,
+    is_objcrop_checkpoint,
+    read_arch_sidecar,
+)
 from objcrop.ssl.backbones import BACKBONES, TimmTrunk, is_timm, load_trunk_weights
 
 __all__ = ["NORMS", "backbone_weights", "build_detector", "freeze_batchnorm", "load_backbone_weights"]
@@ -71,33 +77,25 @@ def backbone_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         raise ValueError(f"{path}: cannot read weights: {type(err).__name__}: {err}") from err
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state_dict or an objcrop checkpoint, got {type(state).__name__}")
-    if "model" in state and "step" in state and "config" in state:
-        from objcrop.ssl.export import backbone_from_checkpoint
-
-        method = json.loads(state["config"])["method"]
-        if method.get("small_images"):
+    if is_objcrop_checkpoint(state):
+        arch, small_images = checkpoint_arch(state, path)
+        if small_images:
             raise ValueError(
                 f"{path}: pretrained with the small-image stem (3x3, no max-pool); detection needs the "
                 "standard ResNet stem"
             )
-        return backbone_from_checkpoint(path), method.get("backbone")
+        return backbone_from_checkpoint(path), arch
     if not state or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise ValueError(f"{path}: not a state_dict of tensors")
     return state, _sidecar_arch(path)
 
 
 def _sidecar_arch(path: str) -> str | None:
-    from objcrop.evaluate.backbone import arch_sidecar
-
-    sidecar = arch_sidecar(path)
-    if not sidecar.is_file():
-        return None
-    try:
-        meta = json.loads(sidecar.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{sidecar}: unreadable architecture sidecar: {err}") from err
+    meta = read_arch_sidecar(path)
     if meta.get("small_images"):
-        raise ValueError(f"{path}: the small-image stem (3x3, no max-pool) does not fit detection (see {sidecar})")
+        raise ValueError(
+            f"{path}: the small-image stem (3x3, no max-pool) does not fit detection (see {arch_sidecar(path)})"
+        )
     return meta.get("arch")
 
 

@@ -25,13 +25,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from objcrop.data.records import Records
-from objcrop.evaluate.backbone import write_arch_sidecar
 from objcrop.evaluate.features import RecordImages, augment_transform, extract_features, valid_rows
 from objcrop.evaluate.linear import linear_probe
 from objcrop.evaluate.losses import classification_loss
 from objcrop.evaluate.metrics import chance_level, labels_for_task, score_predictions
+from objcrop.io import atomic_torch_save
+from objcrop.ssl.backbone_io import write_arch_sidecar
 from objcrop.ssl.backbones import build_backbone, is_timm
-from objcrop.ssl.checkpoint import atomic_torch_save
 
 __all__ = ["SupervisedResult", "build_classifier", "save_classifier", "supervised_baseline", "train_supervised"]
 

@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from objcrop.io import atomic_open
+from objcrop.io import atomic_torch_save
+from objcrop.ssl.errors import CheckpointError
 
-__all__ = ["CheckpointError", "Checkpointer", "atomic_torch_save", "load_checkpoint"]
+__all__ = ["CheckpointError", "Checkpointer", "load_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,16 +28,6 @@ _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
 # atomic_open's temp file for ckpt-<step>.pt: tempfile.mkstemp(prefix=".ckpt-<step>.pt.", suffix=".tmp"),
 # whose random part is drawn from [a-z0-9_].
 _TEMP_NAME = re.compile(r"^\.ckpt-\d{8,}\.pt\.[a-z0-9_]+\.tmp$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated or not a checkpoint."""
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
-    with atomic_open(path, "wb", fsync=True) as f:
-        torch.save(obj, f)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from objcrop import registry
+from objcrop.ssl.errors import ConfigError
 
 __all__ = [
     "ConfigError",
@@ -45,10 +46,6 @@ __all__ = [
     "method_class",
     "validate_config",
 ]
-
-
-class ConfigError(ValueError):
-    """A config names an unknown key, a bad value or a missing file."""
 
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -392,7 +389,8 @@ def validate_config(config: dict) -> None:
     proposals = config["data"]["proposals"]
     if proposals != "gt" and not os.path.isdir(str(proposals)):
         raise ConfigError(f"data.proposals: expected 'gt' or a proposal store folder, not found: {proposals}")
-    if config["train"]["precision"] == "fp16" and config["train"]["device"] == "cpu":
+    if config["train"]["precision"] == "fp16" and not _trains_on_cuda(config["train"]["device"]):
+        # The one check of this: the trainer's device is the one init_distributed picks from train.device.
         raise ConfigError("train.precision: fp16 needs a GPU; use bf16 or fp32 with train.device cpu")
     if config["crops"]["augment_on"] == "device" and config["data"]["format"] == "webdataset":
         raise ConfigError("crops.augment_on: streamed webdataset shards make views in the loader; use loader or auto")
@@ -407,6 +405,15 @@ def validate_config(config: dict) -> None:
         check_view_size(config["method"].get("backbone", ""), config["crops"]["size"])
     except ValueError as err:
         raise ConfigError(f"crops.size: {err}") from err
+
+
+def _trains_on_cuda(device: str) -> bool:
+    """Whether ``train.device`` trains on a GPU (``auto``: when CUDA is available)."""
+    if device != "auto":
+        return device == "cuda"
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _number(config: dict, dotted: str, kind: type, minimum: float, optional: bool) -> None:

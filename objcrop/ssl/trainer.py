@@ -16,81 +16,48 @@ the others are applied and logged (see :meth:`Trainer.resume`).
 Unusable records (undecodable files) are skipped by the dataset; the trainer collects the distinct
 ones it met, reports how many, keeps them in its checkpoints and hands them to the dataset each epoch
 so that they are not read again.
+
+Evaluation during training (the kNN monitor) and reports (the loss plot) come from the caller as
+:class:`~objcrop.ssl.monitors.Monitor` objects: the trainer imports nothing from the layers above it.
+The pieces it drives live in their own modules: the method contract (:mod:`objcrop.ssl.base`), the
+sampler (:mod:`objcrop.ssl.sampler`), the RNG states (:mod:`objcrop.ssl.rng`), the logs
+(:mod:`objcrop.ssl.train_logs`) and checkpoints (:mod:`objcrop.ssl.checkpoint`).
 """
 
 from __future__ import annotations
 
 import copy
-import csv
 import inspect
 import json
 import logging
 import math
-import os
-import random
 import time
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
+from objcrop.ssl.base import build_method
 from objcrop.ssl.checkpoint import Checkpointer
-from objcrop.ssl.config import (
-    NOT_RECORDED,
-    RESUMABLE_KEYS,
-    ConfigError,
-    build_policy,
-    config_changes,
-    method_class,
-)
+from objcrop.ssl.config import NOT_RECORDED, RESUMABLE_KEYS, build_policy, config_changes
 from objcrop.ssl.distributed import DistEnv, all_reduce_flag, all_reduce_mean, init_distributed
+from objcrop.ssl.errors import ConfigError, NonFiniteLossError
 from objcrop.ssl.lars import LARS
+from objcrop.ssl.monitors import Monitor
+from objcrop.ssl.rng import loader_generator, rng_state, seed_globals, set_rng_state
+from objcrop.ssl.sampler import EpochSampler
 from objcrop.ssl.schedules import warmup_cosine_lambda
+from objcrop.ssl.train_logs import TrainLogs
 
-__all__ = ["EpochSampler", "NonFiniteLossError", "TrainResult", "Trainer", "pretrain"]
+# NonFiniteLossError is raised here; callers may import it from objcrop.ssl.errors or from here.
+__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "build_dataset", "pretrain"]
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped without overwriting good checkpoints."""
-
-
-class EpochSampler(Sampler[int]):
-    """Shuffles ``n`` indices with a generator seeded by ``(seed, epoch)``, deals them to the ranks,
-    and can start part-way through an epoch (to resume after ``start`` samples of this rank).
-
-    Every rank gets ``n // world_size`` indices (the remainder is dropped, like DistributedSampler
-    with ``drop_last``), so all ranks run the same number of steps.
-    """
-
-    def __init__(self, n: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True) -> None:
-        self.n, self.rank, self.world_size, self.seed, self.shuffle = n, rank, world_size, seed, shuffle
-        self.epoch = 0
-        self.start = 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def indices(self) -> np.ndarray:
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        else:
-            order = np.arange(self.n)
-        per_rank = self.n // self.world_size
-        return order[self.rank : per_rank * self.world_size : self.world_size]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices()[self.start :].tolist())
-
-    def __len__(self) -> int:
-        return max(self.n // self.world_size - self.start, 0)
 
 
 @dataclass
@@ -110,12 +77,12 @@ class TrainResult:
 
 
 def _resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.precision`` on ``device`` (``None``: fp32). Config validation has
+    refused fp16 without a GPU."""
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else None
-    if precision == "fp16" and device.type == "cpu":
-        raise ValueError("train.precision fp16 needs a GPU; use bf16 or fp32 on CPU")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
@@ -126,11 +93,6 @@ def _cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def build_method(config: dict) -> torch.nn.Module:
-    kwargs = dict(config["method"])
-    return method_class(kwargs.pop("name"))(**kwargs)
 
 
 def build_dataset(config: dict, records=None, device: torch.device | str | None = None):
@@ -181,55 +143,27 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _rng_state() -> dict[str, Any]:
-    """This process's global RNG states as tensors and strings (loadable with ``weights_only=True``)."""
-    # objcrop draws from explicit generators; the legacy global ones are kept for third-party code.
-    _, numpy_key, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()  # noqa: NPY002
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": torch.from_numpy(numpy_key.astype(np.int64)),
-        "numpy_pos": int(numpy_pos),
-        "numpy_gauss": [int(numpy_has_gauss), float(numpy_gauss)],
-        "python": json.dumps(random.getstate()),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    has_gauss, gauss = state["numpy_gauss"]
-    numpy_key = state["numpy"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", numpy_key, state["numpy_pos"], has_gauss, gauss))  # noqa: NPY002
-    version, internal, gauss_next = json.loads(state["python"])
-    random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _loader_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
-    """The DataLoader's own generator: without one, every new iterator draws its worker base seed from
-    the global torch generator, which a mid-epoch resume would then leave in a different state
-    (and shuffle-BN draws its permutations from that generator)."""
-    (value,) = np.random.SeedSequence([seed, epoch, rank]).generate_state(1, dtype=np.uint64)
-    return torch.Generator().manual_seed(int(value))
-
-
 class Trainer:
-    """Runs the pretraining a validated config describes (see :mod:`objcrop.ssl.config`)."""
+    """Runs the pretraining a validated config describes (see :mod:`objcrop.ssl.config`).
 
-    def __init__(self, config: dict, env: DistEnv | None = None, dataset=None) -> None:
+    Args:
+        config: A validated config (:func:`~objcrop.ssl.config.load_config`); the trainer keeps a copy.
+        env: Rank, world size and device; by default read from ``torchrun``'s environment.
+        dataset: The training dataset; by default the one the config describes (:func:`build_dataset`).
+        monitors: Run on the main process after each epoch and at the end (:class:`~objcrop.ssl.monitors.Monitor`).
+            ``objcrop pretrain`` passes the kNN monitor ``train.knn_every_epochs`` asks for and the loss plot.
+    """
+
+    def __init__(
+        self, config: dict, env: DistEnv | None = None, dataset=None, monitors: Sequence[Monitor] = ()
+    ) -> None:
         self.config = copy.deepcopy(config)  # derived values are recorded in it: leave the caller's alone
         config = self.config
         tcfg, ocfg = config["train"], config["optim"]
         self.env = env or init_distributed(tcfg["device"])
         if tcfg["threads"]:
             torch.set_num_threads(int(tcfg["threads"]))
-        seed = int(tcfg["seed"]) + self.env.rank
-        torch.manual_seed(seed)
-        np.random.seed(seed)  # noqa: NPY002 (for third-party code; objcrop uses explicit generators)
-        random.seed(seed)
+        seed_globals(int(tcfg["seed"]) + self.env.rank)
         if tcfg["deterministic"]:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -296,7 +230,14 @@ class Trainer:
         self.replaced_elsewhere = 0  # replacements by a dataset that does not say which records it skipped
         self.fallbacks = 0
         self.last_loss = float("nan")
-        self.knn_monitor = self._build_knn_monitor() if self.env.is_main else None
+        self.monitors = list(monitors) if self.env.is_main else []
+        if tcfg["knn_every_epochs"] and not self.monitors and self.env.is_main:
+            logger.warning(
+                "train.knn_every_epochs is set but this Trainer got no monitors: the kNN monitor comes from the "
+                "caller (objcrop pretrain passes it; see objcrop.evaluate.monitors.knn_monitor)"
+            )
+        for monitor in self.monitors:
+            monitor.setup(self)
 
     def _prepare_output(self) -> None:
         """Creates ``train.out`` and its checkpoint folder and checks both can be written to.
@@ -364,13 +305,13 @@ class Trainer:
         return ddp(
             model,
             device_ids=[self.env.local_rank] if self.env.device.type == "cuda" else None,
-            find_unused_parameters=bool(self.config["method"].get("separate_heads", False)),
+            find_unused_parameters=bool(model.has_unused_parameters),  # declared by the method (SSLMethod)
             **({"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}),
         )
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        rng = _rng_state()
+        rng = rng_state()
         if self.env.distributed:
             gathered: list[Any] = [None] * self.env.world_size
             dist.all_gather_object(gathered, rng)
@@ -407,7 +348,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # empty when saved by a disabled scaler (the precision may have changed since)
             self.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"][self.env.rank])
+        set_rng_state(state["rng"][self.env.rank])
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
         self.batches_done_in_epoch = int(state["batches_done_in_epoch"])
@@ -533,7 +474,7 @@ class Trainer:
             drop_last=True,
             persistent_workers=False,
             prefetch_factor=4 if workers else None,
-            generator=_loader_generator(int(self.config["train"]["seed"]), self.epoch, self.env.rank),
+            generator=loader_generator(int(self.config["train"]["seed"]), self.epoch, self.env.rank),
         )
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -572,30 +513,18 @@ class Trainer:
         stats.update({k: float(v) for k, v in extra.items()})
         return stats
 
-    def _build_knn_monitor(self):
-        """The optional kNN monitor (``train.knn_every_epochs``): test mAP of the backbone on subsets."""
-        tcfg, data = self.config["train"], self.config["data"]
-        if not tcfg["knn_every_epochs"] or not hasattr(self.dataset, "records"):
-            return None
-        from objcrop.data.readers import load_records
-        from objcrop.evaluate.knn import KNNMonitor
-
-        test = load_records(
-            data["format"],
-            annotations=tcfg["knn_test_annotations"],
-            images=data["images"],
-            labels_csv=data["labels_csv"],
-            classes_csv=data["classes_csv"],
-        )
-        size = int(tcfg["knn_size"] or self.config["crops"]["size"])
-        return KNNMonitor(self.dataset.records, test, size=size, every_epochs=int(tcfg["knn_every_epochs"]))
-
-    def _monitor(self, logs) -> None:
-        if self.knn_monitor is None or self.epoch % self.knn_monitor.every_epochs:
-            return
-        stats = self.knn_monitor(self.method.backbone)
-        logger.info("epoch %d kNN: %s", self.epoch, ", ".join(f"{k} {v:.2f}" for k, v in stats.items()))
-        logs.write_eval(self.step, self.epoch, stats)
+    def _end_epoch_monitors(self, logs: TrainLogs) -> None:
+        """Runs the monitors' epoch hooks; what they return goes to ``eval.csv`` in one row."""
+        results: dict[str, float] = {}
+        for monitor in self.monitors:
+            stats = monitor.on_epoch_end(self)
+            if stats:
+                logger.info(
+                    "epoch %d %s: %s", self.epoch, monitor.name, ", ".join(f"{k} {v:.2f}" for k, v in stats.items())
+                )
+                results.update(stats)
+        if results:
+            logs.write_eval(self.step, self.epoch, results)
 
     def fit(self, resume: bool = True) -> TrainResult:
         """Trains to ``optim.max_steps`` or the last epoch, checkpointing and logging on the way.
@@ -616,7 +545,7 @@ class Trainer:
             self._prepare_output()
         if self.env.distributed:
             dist.barrier()  # nobody writes before rank 0 has moved the old checkpoints
-        logs = _Logs(self.out, self.env.is_main, self.config["train"]["tensorboard"], resume_step=self.step)
+        logs = TrainLogs(self.out, self.env.is_main, self.config["train"]["tensorboard"], resume_step=self.step)
         log_every = int(self.config["train"]["log_every_steps"])
         ckpt_every = int(self.config["train"]["checkpoint_every_steps"])
         progress = tqdm(
@@ -655,7 +584,7 @@ class Trainer:
                         self.epoch += 1
                         self.batches_done_in_epoch = 0
                         self.save_checkpoint()
-                        self._monitor(logs)
+                        self._end_epoch_monitors(logs)
                     elif self.step % ckpt_every == 0 or done:
                         self.save_checkpoint()
                     if done:
@@ -689,77 +618,9 @@ class Trainer:
             resumed_from=str(resumed_from or ""),
             is_main=self.env.is_main,
         )
-        if self.env.is_main:
-            logs.plot_loss(self.out / "loss.png")
+        for monitor in self.monitors:  # empty on every rank but the main one
+            monitor.on_fit_end(self)
         return result
-
-
-class _Logs:
-    """CSV (always) and TensorBoard (when installed and enabled) logs, written by rank 0 only."""
-
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool, resume_step: int) -> None:
-        self.enabled = enabled
-        self.path = out / "log.csv"
-        self.writer = None
-        self.fields: list[str] | None = None
-        if not enabled:
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # keep the rows up to the resumed step: the rest is recomputed
-            with open(self.path, newline="", encoding="utf-8") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-            self.fields = list(rows[0].keys()) if rows else None
-            _rewrite_csv(self.path, rows, self.fields)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                logger.warning("tensorboard is not installed; writing the CSV log only")
-            else:
-                self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1)
-
-    def write(self, step: int, stats: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        row = {"step": step, **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in stats.items()}}
-        if self.fields is None:
-            self.fields = list(row)
-            _rewrite_csv(self.path, [], self.fields)
-        with open(self.path, "a", newline="", encoding="utf-8") as f:
-            csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore").writerow(row)
-        if self.writer is not None:
-            for key, value in stats.items():
-                self.writer.add_scalar(f"train/{key}", value, step)
-
-    def write_eval(self, step: int, epoch: int, stats: dict[str, float]) -> None:
-        """Appends evaluation results (kNN monitor) to ``eval.csv`` and TensorBoard's ``eval/``."""
-        if not self.enabled:
-            return
-        path = self.path.with_name("eval.csv")
-        new = not path.exists()
-        with open(path, "a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=["step", "epoch", *stats])
-            if new:
-                writer.writeheader()
-            writer.writerow({"step": step, "epoch": epoch, **{k: f"{v:.4f}" for k, v in stats.items()}})
-        if self.writer is not None:
-            for key, value in stats.items():
-                self.writer.add_scalar(f"eval/{key}", value, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-    def plot_loss(self, png: Path) -> None:
-        if not self.path.exists():
-            return
-        from objcrop.analysis.plots import plot_curves
-
-        with open(self.path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        if rows:
-            steps = [int(r["step"]) for r in rows]
-            plot_curves({"loss": (steps, [float(r["loss"]) for r in rows])}, png, xlabel="step", ylabel="loss")
 
 
 def _show(value: Any) -> str:
@@ -767,19 +628,9 @@ def _show(value: Any) -> str:
     return value if value == NOT_RECORDED else json.dumps(value)
 
 
-def _rewrite_csv(path: Path, rows: list[dict], fields: list[str] | None) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        if fields:
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def pretrain(config: dict, resume: bool = True, dataset=None) -> TrainResult:
-    """Trains with ``config`` (resuming from ``train.out`` when checkpoints exist)."""
-    trainer = Trainer(config, dataset=dataset)
+def pretrain(config: dict, resume: bool = True, dataset=None, monitors: Sequence[Monitor] = ()) -> TrainResult:
+    """Trains with ``config`` (resuming from ``train.out`` when checkpoints exist); see :class:`Trainer`."""
+    trainer = Trainer(config, dataset=dataset, monitors=monitors)
     try:
         return trainer.fit(resume=resume)
     finally:

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from objcrop.evaluate.backbone import backbone_info, load_backbone, write_arch_sidecar
+from objcrop.evaluate.backbone import backbone_info, load_backbone
+from objcrop.ssl.backbone_io import write_arch_sidecar
 from objcrop.ssl.backbones import build_backbone
 from objcrop.ssl.moco import MoCoV2
 

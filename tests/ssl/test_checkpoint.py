@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from objcrop.data.synth import synthesize
-from objcrop.io import atomic_open
-from objcrop.ssl.checkpoint import Checkpointer, CheckpointError, atomic_torch_save, load_checkpoint
+from objcrop.io import atomic_open, atomic_torch_save
+from objcrop.ssl.checkpoint import Checkpointer, load_checkpoint
 from objcrop.ssl.config import load_config
+from objcrop.ssl.errors import CheckpointError
 from objcrop.ssl.trainer import pretrain
 
 

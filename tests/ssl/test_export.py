@@ -11,10 +11,12 @@ import torchvision
 
 from objcrop.cli import main
 from objcrop.data.synth import synthesize
-from objcrop.ssl.checkpoint import atomic_torch_save
+from objcrop.io import atomic_torch_save
+from objcrop.ssl.backbone_io import backbone_from_checkpoint
+from objcrop.ssl.base import build_method
 from objcrop.ssl.config import DEFAULTS, load_config
-from objcrop.ssl.export import backbone_from_checkpoint, export_detectron2, export_torchvision, to_detectron2_names
-from objcrop.ssl.trainer import build_method, pretrain
+from objcrop.ssl.export import export_detectron2, export_torchvision, to_detectron2_names
+from objcrop.ssl.trainer import pretrain
 
 
 def moco_converter_name(k: str) -> str:

@@ -25,8 +25,10 @@ from objcrop.data.synth import synthesize
 from objcrop.io import atomic_open
 from objcrop.ssl.checkpoint import load_checkpoint
 from objcrop.ssl.config import ConfigError, load_config
+from objcrop.ssl.errors import NonFiniteLossError
 from objcrop.ssl.moco import MoCoV2
-from objcrop.ssl.trainer import NonFiniteLossError, Trainer, pretrain
+from objcrop.ssl.monitors import Monitor
+from objcrop.ssl.trainer import Trainer, pretrain
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -139,7 +141,6 @@ def test_each_method_trains_end_to_end(scenes, tmp_path, method, separate_heads)
     assert [int(r["step"]) for r in rows] == [1, 2]
     assert all(math.isfinite(float(r["loss"])) for r in rows)
     assert float(rows[0]["lr"]) > 0  # the logged rate is the one the step used
-    assert (tmp_path / "loss.png").stat().st_size > 0
     heads = [k for k in state["model"] if ".heads.1." in k]
     assert bool(heads) == separate_heads
 
@@ -277,22 +278,62 @@ def test_gpu_throughput_benchmark_runs_quick_on_cpu(capsys):
     assert re.search(r"reference fp32 +\d", out) and re.search(r"ours \(\w+, \w+\) +\d", out)
 
 
-def test_knn_monitor_logs_test_map_every_epoch(scenes, tmp_path):
-    config = tiny_config(
+def test_pretrain_command_passes_the_knn_monitor_and_the_loss_plot(scenes, tmp_path):
+    """The trainer imports nothing from evaluate or analysis: ``objcrop pretrain`` hands it both monitors."""
+    out = tmp_path / "run"
+    settings = tiny_settings(
         scenes,
-        tmp_path,
-        **{
-            "optim.max_steps": 12,
-            "train.knn_every_epochs": 1,
-            "train.knn_test_annotations": str(scenes / "test.json"),
-        },
+        out,
+        **{"optim.max_steps": 12, "train.knn_every_epochs": 1, "train.knn_test_annotations": str(scenes / "test.json")},
     )
-    pretrain(config)
-    with open(tmp_path / "eval.csv", newline="", encoding="utf-8") as f:
+    assert main(["pretrain", "--config", str(write_yaml(settings, tmp_path / "config.yaml"))]) == 0
+    with open(out / "eval.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all(0 <= float(r["knn_map@20"]) <= 100 for r in rows)
-    assert all(math.isfinite(float(r["loss"])) for r in log_rows(tmp_path))  # the training log is untouched
+    assert all(math.isfinite(float(r["loss"])) for r in log_rows(out))  # the training log is untouched
+    assert (out / "loss.png").stat().st_size > 0
+
+
+class RecordingMonitor(Monitor):
+    """Records the hooks the trainer calls, and reports a number every ``every`` epochs."""
+
+    def __init__(self, name: str, every: int) -> None:
+        self.name, self.every, self.calls = name, every, []
+
+    def setup(self, trainer):
+        self.calls.append(("setup", trainer.step))
+
+    def on_epoch_end(self, trainer):
+        self.calls.append(("epoch", trainer.epoch))
+        return {} if trainer.epoch % self.every else {f"{self.name}_epoch": float(trainer.epoch)}
+
+    def on_fit_end(self, trainer):
+        self.calls.append(("end", trainer.step))
+
+
+def test_monitors_get_setup_each_epoch_end_and_the_fit_end_and_share_eval_rows(scenes, tmp_path):
+    every, second = RecordingMonitor("a", 1), RecordingMonitor("b", 2)
+    pretrain(tiny_config(scenes, tmp_path, **{"optim.max_steps": 13, "optim.epochs": 3}), monitors=[every, second])
+    assert every.calls == [("setup", 0), ("epoch", 1), ("epoch", 2), ("end", 13)]
+    assert second.calls == every.calls
+    with open(tmp_path / "eval.csv", newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    # Epoch 2 brought b's column: the header was widened, epoch 1's row keeps an empty cell.
+    assert reader.fieldnames == ["step", "epoch", "a_epoch", "b_epoch"]
+    assert [(r["epoch"], r["a_epoch"], r["b_epoch"]) for r in rows] == [("1", "1.0000", ""), ("2", "2.0000", "2.0000")]
+
+
+def test_knn_without_a_monitor_is_a_warning_not_a_silent_no_op(scenes, tmp_path, caplog):
+    config = tiny_config(
+        scenes,
+        tmp_path,
+        **{"train.knn_every_epochs": 1, "train.knn_test_annotations": str(scenes / "test.json")},
+    )
+    with caplog.at_level(logging.WARNING, logger="objcrop.ssl.trainer"):
+        Trainer(config)
+    assert "train.knn_every_epochs is set but this Trainer got no monitors" in caplog.text
 
 
 def test_knn_monitor_needs_a_test_split(scenes, tmp_path):
