@@ -325,6 +325,18 @@ def test_monitors_get_setup_each_epoch_end_and_the_fit_end_and_share_eval_rows(s
     assert [(r["epoch"], r["a_epoch"], r["b_epoch"]) for r in rows] == [("1", "1.0000", ""), ("2", "2.0000", "2.0000")]
 
 
+def test_ddp_finds_unused_parameters_when_the_method_declares_them(scenes, tmp_path, monkeypatch):
+    """DDP's find_unused_parameters follows SSLMethod.has_unused_parameters, not a config key."""
+    trainer = Trainer(tiny_config(scenes, tmp_path, **{"method.separate_heads": False}))
+    seen = []
+    monkeypatch.setattr(torch.distributed, "broadcast", lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda module, **kw: seen.append(kw) or module)
+    trainer._wrap_ddp(trainer.method)
+    trainer.method.has_unused_parameters = True  # what separate heads declare
+    trainer._wrap_ddp(trainer.method)
+    assert [kw["find_unused_parameters"] for kw in seen] == [False, True]
+
+
 def test_knn_without_a_monitor_is_a_warning_not_a_silent_no_op(scenes, tmp_path, caplog):
     config = tiny_config(
         scenes,
