@@ -9,7 +9,8 @@ from PIL import Image
 from objcrop import cli
 from objcrop.analysis.coverage import UnionArea, coverage, coverage_table, intersections
 from objcrop.crops.policies import POLICIES, ViewPair, ViewPairPolicy
-from objcrop.data.records import Record, Records
+from objcrop.data.records import Records
+from tests.conftest import make_records
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -25,16 +26,6 @@ class FixedPolicy:
 
     def sample(self, width, height, proposals, rng) -> ViewPair:
         return ViewPair(self.crops.copy(), self.crops.copy(), ("object", "scene"), self.fallback)
-
-
-def make_records(gt_per_image, size=(100, 100)) -> Records:
-    recs = [
-        Record(
-            f"{i}.jpg", size[0], size[1], boxes=np.asarray(b, np.float32).reshape(-1, 4), box_labels=np.zeros(len(b))
-        )
-        for i, b in enumerate(gt_per_image)
-    ]
-    return Records.from_records(recs, ["thing"])
 
 
 def random_scenes(n: int, rng: np.random.Generator, objects: int = 3, side=(15, 30), size=200) -> Records:

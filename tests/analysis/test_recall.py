@@ -11,7 +11,7 @@ from objcrop.analysis.recall import (
     recall_at_k,
     recall_table,
 )
-from objcrop.data.records import Record, Records
+from tests.conftest import make_records
 
 
 class ListStore:
@@ -25,16 +25,6 @@ class ListStore:
 
     def boxes_of(self, i):
         return self.boxes[i]
-
-
-def make_records(gt_per_image, size=(100, 100)):
-    recs = [
-        Record(path=f"{i}.jpg", width=size[0], height=size[1], boxes=np.asarray(g, np.float32).reshape(-1, 4))
-        for i, g in enumerate(gt_per_image)
-    ]
-    for r in recs:
-        r.box_labels = np.zeros(len(r.boxes), np.int32)
-    return Records.from_records(recs, ["thing"])
 
 
 FAR = [60, 60, 70, 70]  # overlaps none of the GT boxes below

@@ -12,7 +12,8 @@ from torchvision.transforms import v2
 
 from objcrop.crops.dataset import NoUsableImageError, ObjectAwareDataset
 from objcrop.crops.policies import KIND_CODES, POLICIES, ViewPairPolicy
-from objcrop.data.records import Record, Records
+from objcrop.data.records import Records
+from tests import conftest
 
 try:
     from objcrop.proposals.store import ProposalStore
@@ -47,8 +48,8 @@ def write_images(folder, count, size=(64, 48)):
 
 
 def make_records(folder, names, size=(64, 48), boxes=BOXES):
-    recs = [Record(name, size[0], size[1], boxes=boxes, box_labels=np.zeros(len(boxes), np.int32)) for name in names]
-    return Records.from_records(recs, ["thing"], root=str(folder))
+    """Records of the images ``names`` in ``folder``, each with ``boxes``."""
+    return conftest.make_records([boxes] * len(names), size=size, paths=names, root=str(folder))
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from objcrop import boxes as B
 from objcrop.crops.policies import (
@@ -309,3 +311,53 @@ def test_paper_s_min_on_coco128_gt_and_bing_is_plausible(capsys):
     assert 0.25 < bing.resolved_object_scale[0] < 0.9
     with capsys.disabled():
         print("coco128 OpenCV-model BING:", bing.describe_object_scale())
+
+
+# ---------------------------------------------------------------- contract: every registered policy
+
+
+def test_every_registered_policy_names_two_known_region_kinds():
+    assert len(POLICIES) >= 1
+    for name, regions in POLICIES.items():
+        assert len(regions) == 2 and set(regions) <= set(VIEW_KINDS), name
+
+
+def proposals_in(width: float, height: float):
+    """Boxes around and across an image of ``width x height``: inside, partly outside, tiny, inverted, NaN."""
+    coordinate = st.floats(-0.5, 1.5, allow_nan=False, allow_infinity=False)
+    box = st.tuples(coordinate, coordinate, coordinate, coordinate).map(
+        lambda b: [b[0] * width, b[1] * height, b[2] * width, b[3] * height]
+    )
+    odd = st.sampled_from([[np.nan, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1.5, 1.5]])
+    return st.lists(box | odd, max_size=6).map(lambda rows: np.array(rows, np.float32).reshape(-1, 4))
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_every_policy_keeps_its_geometry_inside_the_image(name, data):
+    width = data.draw(st.integers(1, 5000), label="width")
+    height = data.draw(st.integers(1, 5000), label="height")
+    policy = ViewPairPolicy(
+        name,
+        delta=data.draw(st.floats(0, 1), label="delta"),
+        shift_radius=data.draw(st.tuples(st.floats(0, 50), st.floats(50, 3000)), label="shift_radius"),
+        topk=data.draw(st.integers(1, 4), label="topk"),
+        object_scale=data.draw(st.sampled_from(["paper", "per-region", (0.5, 1.0)]), label="object_scale"),
+        min_box_size=data.draw(st.sampled_from([0.0, 16.0, 224.0, 10_000.0]), label="min_box_size"),
+    )
+    proposals = data.draw(proposals_in(width, height), label="proposals")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    eps = 1e-3 * max(1.0, width / 1000, height / 1000)  # float32 rounding of the coordinates
+    for _ in range(3):
+        pair = policy.sample(width, height, proposals, rng)
+        assert pair.regions.shape == pair.crops.shape == (2, 4)
+        for boxes in (pair.regions, pair.crops):
+            assert np.isfinite(boxes).all()
+            assert (boxes[:, :2] >= -eps).all() and (boxes[:, 2] <= width + eps).all()
+            assert (boxes[:, 3] <= height + eps).all()
+        assert (pair.crops[:, :2] >= pair.regions[:, :2] - eps).all()
+        assert (pair.crops[:, 2:] <= pair.regions[:, 2:] + eps).all()
+        assert (B.area(pair.crops) > 0).all()
+        expected = ("scene", "scene") if pair.fallback else POLICIES[name]
+        assert sorted(pair.kinds) == sorted(expected)

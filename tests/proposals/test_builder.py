@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from objcrop.cli import main
-from objcrop.data.records import Record, Records
+from objcrop.data.records import Records
 from objcrop.proposals import ProposalStore
 from objcrop.proposals.builder import (
     BuildAbortedError,
@@ -26,6 +26,7 @@ from objcrop.proposals.builder import (
     shard_from_env,
 )
 from objcrop.proposals.random_boxes import RandomBoxProposer
+from tests.conftest import make_records
 
 SIZES = [(64, 48), (40, 56), (72, 40), (48, 48), (56, 32), (32, 64), (60, 44)]
 
@@ -42,11 +43,8 @@ def write_images(folder: Path, sizes=SIZES, ext: str = ".jpg") -> list[str]:
 
 
 def records_for(root: Path, names, sizes) -> Records:
-    recs = [
-        Record(name, w, h, boxes=np.array([[1, 1, w / 2, h / 2]], np.float32), box_labels=np.zeros(1, np.int32))
-        for name, (w, h) in zip(names, sizes, strict=True)
-    ]
-    return Records.from_records(recs, ["thing"], root=str(root))
+    """One box in the top-left quarter of each image."""
+    return make_records([[[1, 1, w / 2, h / 2]] for w, h in sizes], size=sizes, paths=names, root=str(root))
 
 
 @pytest.fixture

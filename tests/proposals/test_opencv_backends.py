@@ -16,6 +16,7 @@ from objcrop.proposals.opencv_backends import (  # noqa: E402
     bing_blocks,
     rank_scores,
 )
+from tests.conftest import tiny_edge_model  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent.parent / "shared" / "data"
 BING_MODEL = DATA / "bing_objectness_model" / "ObjectnessTrainedModel"
@@ -197,31 +198,8 @@ def test_selective_search_bad_arguments():
 # ---------------------------------------------------------------------- EdgeBoxes
 
 
-def write_tiny_edge_model(path: Path) -> Path:
-    """A valid one-tree structured-edge forest: a patch whose centre has a strong gradient votes for
-    an edge at its centre. Enough to run the whole EdgeBoxes pipeline on clean synthetic images."""
-    shrunk = 32 // 2
-    magnitude_channel = 3  # L, U, V, then the gradient magnitude at full scale
-    feature = magnitude_channel * shrunk * shrunk + (shrunk // 2) * shrunk + shrunk // 2
-    bins = [x * 16 + y for x in range(6, 10) for y in range(6, 10)]  # the 4 x 4 centre of the 16 x 16 output
-    path.write_text(
-        "%YAML:1.0\n"
-        "options:\n"
-        "   numberOfTrees: 1\n   numberOfTreesToEvaluate: 1\n   selfsimilarityGridSize: 5\n   stride: 2\n"
-        "   shrinkNumber: 2\n   patchSize: 32\n   patchInnerSize: 16\n   numberOfGradientOrientations: 4\n"
-        "   gradientSmoothingRadius: 0\n   regFeatureSmoothingRadius: 2\n   ssFeatureSmoothingRadius: 8\n"
-        "   gradientNormalizationRadius: 4\n"
-        "childs:\n   - [ 2, 0, 0 ]\n"
-        f"featureIds:\n   - [ {feature}, 0, 0 ]\n"
-        "thresholds:\n   - [ 0.5, 0., 0. ]\n"
-        f"edgeBoundaries:\n   - [ 0, 0, 0, {len(bins)} ]\n"
-        f"edgeBins:\n   - [ {', '.join(map(str, bins))} ]\n"
-    )
-    return path
-
-
 def test_edgeboxes_with_a_tiny_model(tmp_path):
-    proposer = EdgeBoxes(write_tiny_edge_model(tmp_path / "model.yml"), max_boxes=30, min_box_area=200)
+    proposer = EdgeBoxes(tiny_edge_model(tmp_path / "model.yml"), max_boxes=30, min_box_area=200)
     image = rectangles_image()
     boxes, scores = proposer(image)
     assert_proposals(boxes, scores, 160, 128, strict=False)  # EdgeBoxes' own scores can tie
@@ -247,7 +225,7 @@ def test_edgeboxes_error_paths(tmp_path, monkeypatch):
         EdgeBoxes(bad)
     monkeypatch.delattr(cv2, "ximgproc")
     with pytest.raises(MissingDependencyError, match="opencv-contrib-python-headless"):
-        EdgeBoxes(write_tiny_edge_model(tmp_path / "model.yml"))
+        EdgeBoxes(tiny_edge_model(tmp_path / "model.yml"))
     with pytest.raises(MissingDependencyError, match="ximgproc"):
         SelectiveSearch()
 

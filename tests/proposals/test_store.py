@@ -8,34 +8,21 @@ from objcrop.data.records import Record, Records
 from objcrop.proposals import IncompleteStoreError, ProposalStore, StaleStoreError, open_proposals
 from objcrop.proposals import store as store_module
 from objcrop.proposals.store import META_FILE, CorruptStoreError, check_proposal_arrays
+from tests import conftest
+from tests.conftest import make_store
 
 
 def make_records(sizes=((64, 48), (32, 32), (80, 40)), keys=None) -> Records:
-    keys = keys or [f"img_{i}.jpg" for i in range(len(sizes))]
-    recs = [
-        Record(
-            path=key,
-            width=w,
-            height=h,
-            boxes=np.array([[0, 0, w / 4, h / 4], [0, 0, w / 2, h / 2], [w / 2, 0, w, h]], np.float32),
-            box_labels=np.array([0, 1, 0], np.int32),
-            image_id=100 + i,
-        )
-        for i, (key, (w, h)) in enumerate(zip(keys, sizes, strict=True))
-    ]
-    return Records.from_records(recs, ["a", "b"], root="/nowhere")
-
-
-def make_store(records: Records) -> ProposalStore:
-    rng = np.random.default_rng(0)
-    counts = [5, 0, 3][: len(records)]
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    boxes = rng.uniform(0, 15, size=(offsets[-1], 4)).astype(np.float32)
-    boxes[:, 2:] += boxes[:, :2]  # inside every image (the smallest is 32 px)
-    scores = rng.uniform(size=offsets[-1]).astype(np.float32)
-    meta = {"backend": "test", "params": {"k": 1}}
-    sizes = np.stack([records.widths, records.heights], axis=1)
-    return ProposalStore(boxes, scores, offsets, records.keys(), sizes, records.image_ids, meta)
+    """Three images (ids 100, 101, 102) of three boxes each, two classes."""
+    return conftest.make_records(
+        [[[0, 0, w / 4, h / 4], [0, 0, w / 2, h / 2], [w / 2, 0, w, h]] for w, h in sizes],
+        size=sizes,
+        labels=[[0, 1, 0]] * len(sizes),
+        class_names=("a", "b"),
+        paths=keys or [f"img_{i}.jpg" for i in range(len(sizes))],
+        root="/nowhere",
+        first_image_id=100,
+    )
 
 
 def test_round_trip_is_memory_mapped_and_equal(tmp_path):
