@@ -12,7 +12,7 @@ evaluation keep :attr:`SSLMethod.backbone` and read the declared attributes inst
 constructor's arguments.
 
 Adding a method: a module with a subclass of :class:`SSLMethod` (see :class:`~objcrop.ssl.byol.BYOL`,
-the shortest), its name in :func:`objcrop.ssl.config.method_class`, and a YAML config.
+the shortest), its line in :data:`objcrop.registry.METHODS`, and a YAML config.
 """
 
 from __future__ import annotations

@@ -7,41 +7,23 @@ import pytest
 import torch
 import torch.nn as nn
 
+from objcrop import registry
 from objcrop.ssl.backbone_io import method_arch
 from objcrop.ssl.base import SSLMethod, build_method
-from objcrop.ssl.config import CHOICES, DEFAULTS
+from objcrop.ssl.config import DEFAULTS
+from tests.conftest import TINY_METHODS, tiny_batch, tiny_method_config
 
-# Small networks for 32 px views; a method added to the registry needs its line here.
-TINY = {
-    "moco": {"dim": 16, "hidden_dim": 32, "queue_size": 64},
-    "byol": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32},
-    "densecl": {"dim": 16, "hidden_dim": 32, "queue_size": 64},
-}
-METHODS = CHOICES["method.name"]
-
-
-def tiny_config(name: str, **kwargs) -> dict:
-    assert name in TINY, f"add tiny settings for the new method {name!r} to TINY"
-    config = copy.deepcopy(DEFAULTS)
-    config["method"] = {"name": name, "backbone": "resnet18", "small_images": True, **TINY[name], **kwargs}
-    return config
-
-
-def tiny_batch(size: int = 4, seed: int = 0) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    views = [torch.randn(size, 3, 32, 32, generator=generator) for _ in range(2)]
-    kinds = torch.randint(0, 3, (size, 2), generator=generator)
-    return {"views": views, "kinds": kinds}
+METHODS = registry.METHODS.names()
 
 
 def test_every_registered_method_has_tiny_settings():
-    assert set(METHODS) == set(TINY)
+    assert set(METHODS) == set(TINY_METHODS)
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_method_runs_forward_backward_and_after_optimizer_step(name):
     torch.manual_seed(0)
-    method = build_method(tiny_config(name)).train()
+    method = build_method(tiny_method_config(name)).train()
     assert isinstance(method, SSLMethod)
     out = method(tiny_batch())
     assert isinstance(out, dict) and "loss" in out
@@ -64,7 +46,7 @@ def test_method_runs_forward_backward_and_after_optimizer_step(name):
 @pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("separate_heads", [False, True])
 def test_method_declares_the_contract_attributes(name, separate_heads):
-    config = tiny_config(name, separate_heads=separate_heads)
+    config = tiny_method_config(name, separate_heads=separate_heads)
     with torch.device("meta"):
         method = build_method(config)
     assert method.arch == "resnet18" and method.small_images is True
