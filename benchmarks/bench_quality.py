@@ -53,20 +53,31 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # The baseline is the arm the paired difference is taken against (None: no comparison row).
 ARMS: dict[str, tuple[str, str, dict, str | None]] = {
     "scene-scene": ("scene-scene", "gt", {}, None),
-    "obj-scene": ("obj-scene", "main", {}, "scene-scene"),
-    "obj-obj-dilate": ("obj-obj-dilate", "main", {}, "scene-scene"),
+    "obj-scene": ("obj-scene", "main", {"method.separate_heads": False}, "scene-scene"),
+    "obj-obj-dilate": ("obj-obj-dilate", "main", {"method.separate_heads": False}, "scene-scene"),
     "obj-obj-dilate + separate heads": ("obj-obj-dilate", "main", {"method.separate_heads": True}, "obj-obj-dilate"),
-    "obj-obj-dilate, GT boxes": ("obj-obj-dilate", "gt", {}, "obj-obj-dilate"),
-    "obj-obj-dilate, OpenCV BING": ("obj-obj-dilate", "opencv-bing", {}, "obj-obj-dilate"),
+    "obj-obj-dilate, GT boxes": ("obj-obj-dilate", "gt", {"method.separate_heads": False}, "obj-obj-dilate"),
+    "obj-obj-dilate, OpenCV BING": (
+        "obj-obj-dilate",
+        "opencv-bing",
+        {"method.separate_heads": False},
+        "obj-obj-dilate",
+    ),
     # MoCo with a queue (K=1024, well below the dataset), with and without the single-process shuffle-BN.
-    "obj-obj-dilate, queue": ("obj-obj-dilate", "main", {"method.queue_size": 1024}, None),
+    "obj-obj-dilate, queue": (
+        "obj-obj-dilate",
+        "main",
+        {"method.queue_size": 1024, "method.separate_heads": False},
+        None,
+    ),
     "obj-obj-dilate, queue, BN leak": (
         "obj-obj-dilate",
         "main",
-        {"method.queue_size": 1024, "method.split_bn_groups": 1},
+        {"method.queue_size": 1024, "method.split_bn_groups": 1, "method.separate_heads": False},
         "obj-obj-dilate, queue",
     ),
 }
+# The arms name their heads explicitly (the demo's configs use separate heads for two-kind policies).
 DEFAULT_ARMS = ["scene-scene", "obj-scene", "obj-obj-dilate", "obj-obj-dilate + separate heads"]
 
 
