@@ -6,6 +6,7 @@ import pytest
 from objcrop.proposals import backends
 from objcrop.proposals.backends import BACKENDS, MissingDependencyError, backend_names, make_proposer, require
 from objcrop.proposals.random_boxes import RandomBoxProposer, random_resized_crop_boxes
+from tests.conftest import SHARED_DATA, tiny_bing_model, tiny_edge_model
 
 
 def image(seed: int, h: int = 48, w: int = 64) -> np.ndarray:
@@ -81,3 +82,59 @@ def test_random_proposer_pickles_and_validates():
     with pytest.raises(ValueError, match="ratio"):
         RandomBoxProposer(ratio=(2, 1))
     assert RandomBoxProposer(n=0)(image(0))[0].shape == (0, 4)
+
+
+# ---------------------------------------------------------------- contract: every registered backend
+
+OPENCV_BING_MODEL = SHARED_DATA / "bing_objectness_model" / "ObjectnessTrainedModel"
+
+
+def _opencv_bing(tmp_path):
+    if not OPENCV_BING_MODEL.is_dir():
+        pytest.skip(f"OpenCV's BING model files are absent ({OPENCV_BING_MODEL})")
+    return {"model": str(OPENCV_BING_MODEL), "topk": 200}
+
+
+# Small options of each registered backend (a function of a temporary folder); a new backend needs its line here.
+CONTRACT_OPTIONS = {
+    "bing": lambda tmp_path: {"model": tiny_bing_model(), "topk": 100},
+    "opencv-bing": _opencv_bing,
+    "selective-search": lambda tmp_path: {"max_side": 96, "topk": 100},
+    "edgeboxes": lambda tmp_path: {"model": str(tiny_edge_model(tmp_path / "edges.yml")), "min_box_area": 100},
+    "random": lambda tmp_path: {"n": 50, "seed": 1},
+}
+
+
+def contract_image(width: int = 160, height: int = 120) -> np.ndarray:
+    """Noise with two bright rectangles: every backend finds something in it."""
+    pixels = np.random.default_rng(0).integers(0, 60, size=(height, width, 3), dtype=np.uint8)
+    pixels[20:80, 30:110] = (220, 200, 180)
+    pixels[85:115, 120:150] = (60, 160, 230)
+    return pixels
+
+
+def test_every_registered_backend_has_contract_options():
+    assert set(CONTRACT_OPTIONS) == set(BACKENDS)
+
+
+@pytest.mark.parametrize("name", BACKENDS.names())
+def test_every_backend_returns_float32_boxes_inside_the_image_best_first_and_pickles(name, tmp_path):
+    try:
+        proposer = make_proposer(name, **CONTRACT_OPTIONS[name](tmp_path))
+    except MissingDependencyError as err:
+        pytest.skip(str(err))
+    for pixels in (contract_image(), contract_image(97, 61)):
+        height, width = pixels.shape[:2]
+        boxes, scores = proposer(pixels)
+        assert boxes.dtype == np.float32 and scores.dtype == np.float32
+        assert boxes.ndim == 2 and boxes.shape[1] == 4 and scores.shape == (len(boxes),)
+        assert len(boxes) > 0
+        assert np.isfinite(boxes).all() and np.isfinite(scores).all()
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
+        assert (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+        assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+        assert (np.diff(scores) <= 0).all(), "best first: scores never increase"
+        clone = pickle.loads(pickle.dumps(proposer))
+        again_boxes, again_scores = clone(pixels)
+        np.testing.assert_array_equal(again_boxes, boxes)
+        np.testing.assert_array_equal(again_scores, scores)
