@@ -602,3 +602,110 @@ def test_folder_lists_each_folder_once_and_follows_links_out_of_the_root(tmp_pat
     (root / "d").symlink_to(outside, target_is_directory=True)
     (outside / "again").symlink_to(outside, target_is_directory=True)  # a loop out there
     assert read_folder(root).keys() == ["a/1.jpg", "b/2.jpg", "c/3.jpg"]
+
+
+# ---------------------------------------------------------------- contract: every registered format
+
+# One tiny dataset, written in each format and read back: image -> ((width, height), [(class, xyxy box)]).
+TINY_DATASET = {
+    "a.jpg": ((64, 48), [("cat", (8, 4, 40, 36)), ("dog", (0, 0, 16, 16))]),
+    "b.jpg": ((40, 40), [("dog", (10, 10, 30, 30))]),
+    "c.jpg": ((30, 20), [("cat", (2, 2, 28, 18))]),
+}
+TINY_CLASSES = ("cat", "dog")
+
+
+def _tiny_images(folder: Path) -> Path:
+    for name, ((w, h), _) in TINY_DATASET.items():
+        _image(folder / name, w, h)
+    return folder
+
+
+def _write_coco(root: Path) -> dict:
+    images, annotations = [], []
+    for i, (name, ((w, h), objects)) in enumerate(TINY_DATASET.items()):
+        images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
+        for c, (x1, y1, x2, y2) in objects:
+            box = [x1, y1, x2 - x1, y2 - y1]
+            annotations.append(_ann(len(annotations) + 1, i + 1, TINY_CLASSES.index(c) + 1, box))
+    categories = [{"id": k + 1, "name": c} for k, c in enumerate(TINY_CLASSES)]
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return {"annotations": path, "images": _tiny_images(root / "images")}
+
+
+def _write_voc(root: Path) -> dict:
+    (root / "Annotations").mkdir(parents=True)
+    for name, (size, objects) in TINY_DATASET.items():
+        one_based = [(c, (x1 + 1, y1 + 1, x2, y2), False) for c, (x1, y1, x2, y2) in objects]
+        (root / "Annotations" / f"{Path(name).stem}.xml").write_text(_voc_xml(name, one_based, size))
+    return {"annotations": root / "Annotations", "images": _tiny_images(root / "JPEGImages")}
+
+
+def _write_openimages(root: Path) -> dict:
+    rows = [HEADER_OPENIMAGES]
+    for name, ((w, h), objects) in TINY_DATASET.items():
+        for c, (x1, y1, x2, y2) in objects:
+            rows.append(f"{Path(name).stem},xclick,/m/{c},1,{x1 / w},{x2 / w},{y1 / h},{y2 / h},0,0,0,0,0")
+    (root / "boxes.csv").write_text("\n".join(rows) + "\n")
+    (root / "classes.csv").write_text("".join(f"/m/{c},{c}\n" for c in TINY_CLASSES))
+    images = _tiny_images(root / "images")
+    return {"annotations": root / "boxes.csv", "images": images, "classes_csv": root / "classes.csv"}
+
+
+def _write_yolo(root: Path) -> dict:
+    (root / "labels").mkdir(parents=True)
+    for name, ((w, h), objects) in TINY_DATASET.items():
+        lines = [
+            f"{TINY_CLASSES.index(c)} {(x1 + x2) / 2 / w} {(y1 + y2) / 2 / h} {(x2 - x1) / w} {(y2 - y1) / h}"
+            for c, (x1, y1, x2, y2) in objects
+        ]
+        (root / "labels" / f"{Path(name).stem}.txt").write_text("\n".join(lines) + "\n")
+    (root / "names.txt").write_text("\n".join(TINY_CLASSES) + "\n")
+    return {"annotations": root / "labels", "images": _tiny_images(root / "images"), "classes_csv": root / "names.txt"}
+
+
+def _write_folder(root: Path) -> dict:
+    return {"images": _tiny_images(root / "images")}
+
+
+def _write_webdataset(root: Path) -> dict:
+    from objcrop.data.webdataset import write_shards
+
+    write_shards(load_records("coco", **_write_coco(root / "coco")), root / "shards", samples_per_shard=2)
+    return {"images": root / "shards"}
+
+
+HEADER_OPENIMAGES = (
+    "ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,IsOccluded,IsTruncated,IsGroupOf,IsDepiction,IsInside"
+)
+# How each registered format writes TINY_DATASET (its load_records arguments); a new format needs its line here.
+FORMAT_WRITERS = {
+    "coco": _write_coco,
+    "voc": _write_voc,
+    "openimages": _write_openimages,
+    "yolo": _write_yolo,
+    "folder": _write_folder,  # images only: no boxes
+    "webdataset": _write_webdataset,
+}
+
+
+def test_every_registered_format_has_a_writer():
+    assert set(FORMAT_WRITERS) == set(FORMATS)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_reads_back_the_tiny_dataset_it_wrote(fmt, tmp_path):
+    records = load_records(fmt, **FORMAT_WRITERS[fmt](tmp_path))
+    read = {}
+    for i in range(len(records)):
+        names = [records.class_names[k] for k in records.box_labels_of(i)]
+        boxes = [tuple(np.round(b, 3).tolist()) for b in records.boxes_of(i)]
+        read[Path(records.key(i)).stem] = (records.size(i), sorted(zip(names, boxes, strict=True)))
+    with_boxes = fmt != "folder"
+    expected = {
+        Path(name).stem: (size, sorted((c, tuple(map(float, b))) for c, b in objects) if with_boxes else [])
+        for name, (size, objects) in TINY_DATASET.items()
+    }
+    assert read == expected
