@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 
+from objcrop import registry
 from objcrop.cli import main
 from objcrop.data.synth import synthesize
 from objcrop.io import atomic_open
@@ -125,7 +126,7 @@ def reference_run(scenes, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("method", ["moco", "byol", "densecl"])
+@pytest.mark.parametrize("method", registry.METHODS.names())
 @pytest.mark.parametrize("separate_heads", [False, True])
 def test_each_method_trains_end_to_end(scenes, tmp_path, method, separate_heads):
     config = tiny_config(scenes, tmp_path, method, **{"method.separate_heads": separate_heads, "optim.max_steps": 2})
