@@ -18,7 +18,6 @@ depends only on ``(seed, i)`` and the settings, so the bytes are the same for an
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 import objcrop
+from objcrop import parallel
 from objcrop.data.synth_backgrounds import BackgroundBank
 from objcrop.data.synth_scene import check_scene_args, render_scene, render_scene_with_areas
 from objcrop.data.synth_shapes import SYNTH_CLASSES
@@ -91,7 +91,6 @@ _worker_writer: _SceneWriter | None = None
 def _init_worker(writer: _SceneWriter) -> None:
     global _worker_writer
     _worker_writer = writer
-    cv2.setNumThreads(1)
 
 
 def _work(index: int):
@@ -160,7 +159,9 @@ def synthesize(
         seed: Seed of the whole dataset; image ``i`` uses a stream derived from ``(seed, i)``.
         size: Side of the square images in pixels.
         test_fraction: Share of the images in ``test.json``.
-        workers: Processes rendering in parallel; the output does not depend on it.
+        workers: Processes rendering in parallel; the output does not depend on it. They start with
+            ``forkserver`` (:mod:`objcrop.parallel`), so a script calling this with workers needs an
+            ``if __name__ == "__main__":`` guard.
         sprites: Folder of ``<class>/<image>`` object photos to paste instead of procedural objects.
         backgrounds: Folder of photos to crop backgrounds from instead of procedural clutter.
         min_objects: Fewest objects per image.
@@ -204,19 +205,14 @@ def synthesize(
     bar = tqdm(total=num_images, unit="img", desc="synth", disable=not progress)
     if workers == 1:
         results = map(writer, range(num_images))
-        pool = None
     else:
-        pool = multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(writer,))
-        results = pool.imap_unordered(_work, range(num_images), chunksize=16)
-    try:
+        results = parallel.imap(
+            _work, range(num_images), workers, initializer=_init_worker, initargs=(writer,), chunksize=16, ordered=False
+        )
+    with bar:
         for index, b, lab, a in results:
             boxes[index], labels[index], areas[index] = b, lab, a
             bar.update()
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
     seconds = time.perf_counter() - start
 
     info = {

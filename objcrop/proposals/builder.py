@@ -21,17 +21,13 @@ any ``spawn``/``forkserver`` pool, a script that calls :func:`build_store` with 
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import logging
-import multiprocessing as mp
 import os
-import sys
 import time
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from objcrop import boxes as B
+from objcrop import parallel
 from objcrop.data.images import ImageReadError, load_image
 from objcrop.io import write_bytes_atomic
 from objcrop.proposals.ownership import (
@@ -332,17 +329,12 @@ _WORKER: dict = {}
 
 
 def _init_worker(proposer: Proposer, topk: int | None, decode_max_side: int | None) -> None:
-    # N workers already use the N cores: keep each backend single-threaded.
-    if "cv2" in sys.modules:
-        sys.modules["cv2"].setNumThreads(1)
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
     _WORKER.update(proposer=proposer, topk=topk, decode_max_side=decode_max_side)
 
 
-def _work(batch: list[tuple[int, str, int, int]]) -> list[tuple[int, np.ndarray, np.ndarray, str | None]]:
-    proposer, topk, max_side = _WORKER["proposer"], _WORKER["topk"], _WORKER["decode_max_side"]
-    return [(i, *propose_image(proposer, path, w, h, topk, max_side)) for i, path, w, h in batch]
+def _work(task: tuple[int, str, int, int]) -> tuple[int, np.ndarray, np.ndarray, str | None]:
+    i, path, width, height = task
+    return (i, *propose_image(_WORKER["proposer"], path, width, height, _WORKER["topk"], _WORKER["decode_max_side"]))
 
 
 def _run(
@@ -359,29 +351,21 @@ def _run(
         return
     # A few small batches in flight per worker: results arrive nearly in order (chunks complete
     # one after the other) and a crashed worker raises BrokenProcessPool instead of hanging.
-    batches = iter(lambda: list(itertools.islice(tasks, _BATCH)), [])
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])  # workers fork from a server that imported this module once
-    else:
-        ctx = mp.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(proposer, topk, max_side))
     try:
-        inflight = {pool.submit(_work, b) for b in itertools.islice(batches, 4 * workers)}
-        while inflight:
-            finished, inflight = wait(inflight, return_when=FIRST_COMPLETED)
-            for future in finished:
-                try:
-                    yield from future.result()
-                except BrokenProcessPool as err:
-                    raise BuildAbortedError(
-                        "a worker process died (a crash inside the backend?); finished chunks are kept: "
-                        "re-run to resume, or use one worker to see the error"
-                    ) from err
-                for batch in itertools.islice(batches, 1):
-                    inflight.add(pool.submit(_work, batch))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        yield from parallel.imap(
+            _work,
+            tasks,
+            workers,
+            initializer=_init_worker,
+            initargs=(proposer, topk, max_side),
+            chunksize=_BATCH,
+            ordered=False,
+        )
+    except BrokenProcessPool as err:
+        raise BuildAbortedError(
+            "a worker process died (a crash inside the backend?); finished chunks are kept: "
+            "re-run to resume, or use one worker to see the error"
+        ) from err
 
 
 # ---------------------------------------------------------------------- build and merge

@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import multiprocessing as mp
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
 from objcrop import boxes as B
+from objcrop import parallel
 from objcrop.data.records import Records
 from objcrop.proposals.bing import sampling
 from objcrop.proposals.bing.detect import Candidates, detect, score_candidates, select
@@ -265,21 +264,13 @@ def _map(fn, jobs: Sequence[_Job], state: dict, workers: int, desc: str, progres
         _init(state)
         take(fn(j) for j in jobs)
     else:
-        # forkserver (the project's rule): no fork of a process that may hold threads or numba state.
-        if "forkserver" in mp.get_all_start_methods():
-            ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload([__name__])  # workers fork from a server that imported this module once
-        else:
-            ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=(state,)) as pool:
-            take(pool.map(fn, jobs, chunksize=4))
+        take(parallel.imap(fn, jobs, workers, initializer=_init, initargs=(state,), chunksize=4))
     elapsed = time.perf_counter() - start
     for e in errors[:5]:
         log.warning("skipped %s", e)
     if errors:
         log.warning("%s: skipped %d of %d images that could not be read", desc, len(errors), len(jobs))
-    if progress:
-        print(f"{desc}: {len(jobs)} images in {elapsed:.1f} s ({len(jobs) / max(elapsed, 1e-9):.1f} img/s)")
+    log.info("%s: %d images in %.1f s (%.1f img/s)", desc, len(jobs), elapsed, len(jobs) / max(elapsed, 1e-9))
     return results, len(errors)
 
 
