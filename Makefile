@@ -19,6 +19,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 	$(BIN)/ruff check objcrop tests benchmarks
+	$(BIN)/ruff format --check objcrop tests benchmarks
 
 lint: $(STAMP)
 	$(BIN)/ruff check objcrop tests benchmarks

@@ -28,6 +28,7 @@ COMMANDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``objcrop`` parser with every subcommand of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(prog="objcrop", description="Object-aware cropping for self-supervised learning.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -58,6 +59,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int, Callable[[BaseException], str]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs ``objcrop`` with ``argv`` and returns the exit code (see :data:`EXIT_CODES`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

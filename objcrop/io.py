@@ -57,11 +57,13 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path`` atomically (temp file + rename)."""
     with atomic_open(path, "wb") as f:
         f.write(data)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` to ``path`` atomically (temp file + rename)."""
     with atomic_open(path, "w") as f:
         f.write(text)
 

@@ -1,8 +1,8 @@
-"""``objcrop analyze recall``: recall of proposal stores against the ground-truth boxes.
+r"""``objcrop analyze recall``: recall of proposal stores against the ground-truth boxes.
 
 Example::
 
-    objcrop analyze recall --format coco --annotations A.json --images DIR \\
+    objcrop analyze recall --format coco --annotations A.json --images DIR \
         --proposals bing_store/ --proposals ss_store/ --plot recall.png
 """
 

@@ -1,6 +1,8 @@
-"""``objcrop knn``: weighted k-nearest-neighbour evaluation of a frozen backbone (a quick check).
+r"""``objcrop knn``: weighted k-nearest-neighbour evaluation of a frozen backbone (a quick check).
 
-    objcrop knn --checkpoint runs/x/checkpoints/ckpt-00001000.pt --format coco \\
+Example::
+
+    objcrop knn --checkpoint runs/x/checkpoints/ckpt-00001000.pt --format coco \
         --train-annotations scenes/train.json --test-annotations scenes/test.json --images scenes/images
 """
 

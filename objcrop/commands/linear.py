@@ -1,9 +1,9 @@
-"""``objcrop linear``: linear probe of a frozen backbone (mAP for multi-label, top-1 for single-label).
+r"""``objcrop linear``: linear probe of a frozen backbone (mAP for multi-label, top-1 for single-label).
 
-    objcrop linear --checkpoint runs/x/checkpoints/ckpt-00001000.pt --format coco \\
+    objcrop linear --checkpoint runs/x/checkpoints/ckpt-00001000.pt --format coco \
         --train-annotations scenes/train.json --test-annotations scenes/test.json --images scenes/images --size 128
     objcrop linear --checkpoint random:resnet18 --small-images ...          # the random-init row
-    objcrop linear --checkpoint cifar.pth --arch resnet18 --format folder \\
+    objcrop linear --checkpoint cifar.pth --arch resnet18 --format folder \
         --train-images cifar/train --test-images cifar/test --task single
 
 Also defines the dataset, backbone and run arguments that ``objcrop knn`` and ``objcrop supervised`` share.

@@ -1,6 +1,6 @@
-"""``objcrop supervised``: the supervised baseline, the same backbone trained from scratch with labels.
+r"""``objcrop supervised``: the supervised baseline, the same backbone trained from scratch with labels.
 
-    objcrop supervised --arch resnet18 --small-images --format coco --train-annotations scenes/train.json \\
+    objcrop supervised --arch resnet18 --small-images --format coco --train-annotations scenes/train.json \
         --test-annotations scenes/test.json --images scenes/images --size 64 --epochs 10 --out runs/sup/r18.pth
 
 Writes a torchvision state dict (with ``fc``) to --out and its architecture to ``<out>.json``; 'objcrop linear

@@ -63,11 +63,13 @@ class RandomGaussianBlur(v2.Transform):
         self.p = float(p)
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        """Draws whether to blur (with probability ``p``) and the sigma."""
         if torch.rand(1).item() >= self.p:
             return {"sigma": None}
         return {"sigma": torch.empty(1).uniform_(*self.sigma).item()}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        """Blurs ``inpt`` (a PIL image or a tensor) with the drawn sigma, or returns it as it is."""
         sigma = params["sigma"]
         if sigma is None:
             return inpt
@@ -94,9 +96,11 @@ class RandomSolarize(v2.Transform):
         self.p = float(p)
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        """Draws whether to solarize (with probability ``p``)."""
         return {"apply": torch.rand(1).item() < self.p}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        """Solarizes ``inpt`` above ``threshold`` of its value range when drawn, else returns it as it is."""
         if not params["apply"]:
             return inpt
         return self._call_kernel(F.solarize, inpt, threshold=self.threshold * _max_value(inpt))

@@ -27,7 +27,9 @@ class NoUsableImageError(RuntimeError):
 class BoxSource(Protocol):
     """Anything that gives the proposals of image ``i`` (``[N, 4]`` xyxy pixels, best first)."""
 
-    def boxes_of(self, i: int) -> np.ndarray: ...
+    def boxes_of(self, i: int) -> np.ndarray:
+        """The proposals of image ``i``."""
+        ...
 
 
 class ObjectAwareDataset(Dataset):

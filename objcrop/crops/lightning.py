@@ -61,6 +61,7 @@ class EpochSeedingSampler(DistributedSampler):
         )
 
     def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch of the sampler and of the dataset (which seeds its views with it)."""
         super().set_epoch(epoch)
         self.dataset.set_epoch(epoch)
 
@@ -119,6 +120,7 @@ class ObjectAwareDataModule(pl.LightningDataModule):
         self.batch_format = batch_format
 
     def train_dataloader(self) -> DataLoader:
+        """The training loader: epoch-seeded sampler, forkserver workers, views collated in the batch format."""
         sampler = EpochSeedingSampler(self.dataset, shuffle=self.shuffle, seed=self.seed, drop_last=self.drop_last)
         return DataLoader(
             self.dataset,

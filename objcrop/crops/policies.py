@@ -203,6 +203,7 @@ class ViewPairPolicy:
 
     @property
     def uses_proposals(self) -> bool:
+        """Whether a view comes from a proposal (every policy but ``scene-scene``)."""
         return any(k != "scene" for k in self.region_kinds)
 
     def __repr__(self) -> str:

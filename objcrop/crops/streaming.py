@@ -84,6 +84,7 @@ class EpochPlan:
 
     @property
     def streams(self) -> int:
+        """Independent sample streams of this rank: one per loader worker (1 without workers)."""
         return max(self.workers, 1)
 
 

@@ -65,6 +65,7 @@ class ViewPairStats:
 
     @property
     def fallback_rate(self) -> float:
+        """The share of samples whose policy found no usable proposal (0 before any sample)."""
         return self.fallbacks / self.samples if self.samples else 0.0
 
 
@@ -135,6 +136,7 @@ class ViewPairTransform:
         proposals: np.ndarray,
         rng: np.random.Generator | None = None,
     ) -> tuple[list[Any], tuple[str, str]]:
+        """The two augmented views of ``image`` and their kinds, from the policy's geometry on ``proposals``."""
         width, height = image_size(image)
         pair = self.policy.sample(width, height, proposals, self.rng if rng is None else rng)
         self.count(pair.fallback)

@@ -205,10 +205,12 @@ class OpenImagesSubset:
 
     @property
     def images_after(self) -> int:
+        """Images kept by the subset."""
         return len(self.image_ids)
 
     @property
     def classes_after(self) -> int:
+        """Classes kept by the subset."""
         return len(self.class_ids)
 
     def counts(self) -> dict[str, int]:

@@ -178,6 +178,7 @@ class Records:
 
     @property
     def num_classes(self) -> int:
+        """How many classes the dataset names."""
         return len(self.class_names)
 
     def key(self, i: int) -> str:
@@ -186,6 +187,7 @@ class Records:
         return self._path_blob[a:b].tobytes().decode("utf-8")
 
     def keys(self) -> list[str]:
+        """Every image key, in record order."""
         return [self.key(i) for i in range(len(self))]
 
     def path(self, i: int) -> str:
@@ -197,12 +199,15 @@ class Records:
         return int(self.widths[i]), int(self.heights[i])
 
     def boxes_of(self, i: int) -> np.ndarray:
+        """Float32 ``[n, 4]`` xyxy boxes of image ``i`` (a view, not a copy)."""
         return self.boxes[self.box_offsets[i] : self.box_offsets[i + 1]]
 
     def box_labels_of(self, i: int) -> np.ndarray:
+        """Int32 ``[n]`` class index of each box of image ``i``."""
         return self.box_labels[self.box_offsets[i] : self.box_offsets[i + 1]]
 
     def labels_of(self, i: int) -> np.ndarray:
+        """Int32 image-level class indices of image ``i``."""
         return self.labels[self.label_offsets[i] : self.label_offsets[i + 1]]
 
     def label_matrix(self) -> np.ndarray:

@@ -98,6 +98,7 @@ def _work(index: int):
 
 
 def image_file_name(index: int) -> str:
+    """The file name of scene ``index`` (``000042.jpg``)."""
     return f"{index:06d}.jpg"
 
 

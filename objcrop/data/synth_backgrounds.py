@@ -129,6 +129,7 @@ class BackgroundBank:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, min_crop: float = 0.35) -> BackgroundBank:
+        """A bank of every image under ``folder`` (``min_crop``: smallest crop side, a fraction of the shorter side)."""
         paths = list_images(folder)
         if not paths:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")

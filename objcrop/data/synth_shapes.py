@@ -40,6 +40,7 @@ class ObjectClass:
 
     @property
     def name(self) -> str:
+        """The class name, ``<colour>_<texture>_<shape>``."""
         return f"{self.colour}_{self.texture}_{self.shape}"
 
 

@@ -288,9 +288,11 @@ class ShardRecords(Records):
         return self.shards[self.shard_index[i]]
 
     def path(self, i: int) -> str:
+        """The path of image ``i`` inside its shard (what :func:`~objcrop.data.images.load_image` reads)."""
         return f"{self.shard(i)}{MEMBER_SEPARATOR}{self.key(i)}.{self.suffixes[self.suffix_index[i]]}"
 
     def subset(self, indices) -> ShardRecords:
+        """The records at ``indices``, with their shards."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         base = super().subset(idx)
         return ShardRecords(base, self.shards, self.shard_index[idx], self.suffixes, self.suffix_index[idx])

@@ -21,8 +21,8 @@ __all__ = [
 
 def open_proposals(spec: str, records) -> ProposalStore:
     """The proposals of ``records``: ``"gt"`` gives the GT boxes (largest first, in memory), any
-    other value is a store folder, opened and checked against ``records``. (A folder named ``gt``
-    is reached as ``./gt``.)"""
+    other value is a store folder, opened and checked against ``records``; a folder named ``gt``
+    is reached as ``./gt``."""
     if spec == GT:
         return ProposalStore.from_records(records)
     return ProposalStore.open(spec, records)

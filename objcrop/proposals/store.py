@@ -208,6 +208,7 @@ class StoreKeys(Sequence):
 
     @classmethod
     def from_strings(cls, keys: Sequence[str]) -> StoreKeys:
+        """The keys ``keys`` encoded as UTF-8 bytes with offsets."""
         return cls(*_encode_keys(keys))
 
     def __len__(self) -> int:
@@ -296,13 +297,16 @@ class ProposalStore:
 
     @property
     def widths(self) -> np.ndarray:
+        """Int ``[N]`` image widths."""
         return self.sizes[:, 0]
 
     @property
     def heights(self) -> np.ndarray:
+        """Int ``[N]`` image heights."""
         return self.sizes[:, 1]
 
     def key(self, i: int) -> str:
+        """The key (image path as the dataset stores it) of image ``i``."""
         return self.keys[i]
 
     def size(self, i: int) -> tuple[int, int]:

@@ -281,6 +281,7 @@ class BingProposer:
         self.rescore = bool(rescore)
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(boxes float32 [n, 4] xyxy, scores float32 [n])`` of an HxWx3 uint8 RGB image, best first."""
         return detect(
             self.model, image, self.topk, binarized=self.binarized, per_size=self.per_size, rescore=self.rescore
         )

@@ -73,6 +73,7 @@ class WindowLayout:
 
     @property
     def res_h(self) -> np.ndarray:
+        """Height of each response map (window positions per column)."""
         return self.map_h - (WINDOW - 1)
 
     def subset(self, slots: np.ndarray) -> WindowLayout:
@@ -162,6 +163,7 @@ class ResizePlan:
 
     @classmethod
     def make(cls, layout: WindowLayout, colour_space: str, mode: str = "direct") -> ResizePlan:
+        """The plan of ``layout`` in ``colour_space``; ``pyramid`` halves a larger map where one fits."""
         if colour_space not in COLOUR_SPACES:
             raise ValueError(f"unknown colour space {colour_space!r}; expected one of {COLOUR_SPACES}")
         if mode not in RESIZE_MODES:
@@ -200,6 +202,7 @@ class ResizedImage:
 
     @property
     def summed(self) -> bool:
+        """Whether the gradient sums the channel differences (HSV) rather than taking their maximum."""
         return _SUMMED[self.colour_space]
 
     @classmethod

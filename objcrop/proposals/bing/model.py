@@ -115,6 +115,7 @@ class BingModel:
 
     @property
     def colour_spaces(self) -> tuple[str, ...]:
+        """The colour space of each filter, in filter order."""
         return tuple(f.colour_space for f in self.filters)
 
     @cached_property
