@@ -9,9 +9,9 @@ from objcrop.data.records import Records
 
 def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     """Adds ``--format``, ``--annotations`` and ``--images``."""
-    from objcrop.data.readers import FORMATS
+    from objcrop.registry import FORMATS
 
-    parser.add_argument("--format", required=True, choices=FORMATS, help="dataset format")
+    parser.add_argument("--format", required=True, choices=FORMATS.names(), help="dataset format")
     parser.add_argument(
         "--annotations",
         help="COCO JSON / VOC Annotations folder / OpenImages boxes CSV / YOLO labels folder (not for 'folder')",
@@ -49,12 +49,15 @@ def proposals_from_args(args: argparse.Namespace, records: Records):
 
 
 def _object_scale(text: str):
-    if text in ("paper", "per-region"):
+    from objcrop.crops.policies import OBJECT_SCALE_MODES
+
+    if text in OBJECT_SCALE_MODES:
         return text
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected paper, per-region or LO,HI (e.g. 0.5,1), got {text!r}") from None
+        modes = ", ".join(OBJECT_SCALE_MODES)
+        raise argparse.ArgumentTypeError(f"expected {modes} or LO,HI (e.g. 0.5,1), got {text!r}") from None
     return (lo, hi)
 
 
