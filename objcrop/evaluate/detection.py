@@ -66,6 +66,10 @@ class DetectionConfig:
         proposals_train: RPN proposals per image in training (torchvision: 2000).
         proposals_test: RPN proposals per image in testing (torchvision: 1000).
         rois_per_image: Proposals sampled per image for the box head's loss (512).
+        box_head: ``"auto"`` (4conv1fc with ``bn``, 2fc with ``frozen``), ``"2fc"`` or ``"4conv1fc"``.
+        anchor_sizes: Anchor side per pyramid level P2-P6 in pixels of the resized image (``None``:
+            torchvision's 32-512, made for 800 px images; use smaller ones for small images).
+        fpn_channels: Channels of the FPN maps (256; fewer make small CPU runs much faster).
         epochs: Passes over the training set.
         max_iters: Stop after this many iterations (0: no limit).
         batch_size: Images per iteration.
@@ -94,6 +98,9 @@ class DetectionConfig:
     proposals_train: int = 2000
     proposals_test: int = 1000
     rois_per_image: int = 512
+    box_head: str = "auto"
+    anchor_sizes: tuple[int, ...] | None = None
+    fpn_channels: int = 256
     epochs: int = 12
     max_iters: int = 0
     batch_size: int = 16
@@ -120,6 +127,10 @@ class DetectionConfig:
         fields = dataclasses.asdict(self)
         for name in ("device", "amp", "workers", "checkpoint_every", "eval_batch_size"):
             fields.pop(name)
+        # Settings added later are left out at their defaults, so older checkpoints still resume.
+        for name, default in (("box_head", "auto"), ("anchor_sizes", None), ("fpn_channels", 256)):
+            if fields[name] == default:
+                fields.pop(name)
         return fields
 
 
@@ -415,6 +426,9 @@ def run_detection(
         proposals_test=config.proposals_test,
         rois_per_image=config.rois_per_image,
         weights_source=f"weights in {weights}",
+        box_head=config.box_head,
+        anchor_sizes=config.anchor_sizes,
+        fpn_channels=config.fpn_channels,
     )
     if test_annotations_json is not None:
         gt = ground_truth_from_json(test_annotations_json, train_records.class_names)
