@@ -201,17 +201,32 @@ def run_dataset(name: str, args: argparse.Namespace, settings: DemoSettings) -> 
 
 
 def comparisons(outcome: dict, sizes: list[int]) -> list[dict]:
-    """The paired difference of every arm whose baseline also ran, per read-out size."""
+    """The paired difference of every arm against its baseline and, for object-aware arms, against
+    scene-scene (the paper's claim), when those also ran; per read-out size."""
     rows = []
     for label, per_size in outcome["results"].items():
-        base = ARMS.get(label, (None, None, None, None))[3]
-        if base is None or base not in outcome["results"]:
-            continue
-        for s in sizes:
-            arm, ref = per_size.get(str(s)), outcome["results"][base].get(str(s))
-            if arm and ref:
-                rows.append({"arm": label, "baseline": base, "size": s, **paired(arm, ref)})
+        bases = [ARMS.get(label, (None, None, None, None))[3]]
+        if label in ARMS and ARMS[label][0] != "scene-scene" and "scene-scene" not in bases:
+            bases.append("scene-scene")
+        for base in bases:
+            if base is None or base not in outcome["results"]:
+                continue
+            for s in sizes:
+                arm, ref = per_size.get(str(s)), outcome["results"][base].get(str(s))
+                if arm and ref:
+                    rows.append({"arm": label, "baseline": base, "size": s, **paired(arm, ref)})
     return rows
+
+
+def report_from_json(path: Path) -> str:
+    """The markdown tables of a stored ``quality.json`` (recomputes the paired rows from its per-seed values)."""
+    stored = json.loads(Path(path).read_text())
+    sizes = list(stored["args"]["readout"])
+    parts = []
+    for name, outcome in stored["outcomes"].items():
+        outcome["paired"] = comparisons(outcome, sizes)
+        parts.append(table(name, outcome, sizes))
+    return "\n\n".join(parts) + "\n"
 
 
 def table(name: str, outcome: dict, sizes: list[int]) -> str:
@@ -274,7 +289,11 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check every step runs")
+    parser.add_argument("--report", metavar="QUALITY_JSON", help="print the tables of a stored quality.json and stop")
     args = parser.parse_args()
+    if args.report:
+        print(report_from_json(Path(args.report)), end="")
+        return
     torch.set_num_threads(args.threads)
     if args.quick:
         args.images, args.image_size, args.view_size, args.steps = 64, 64, 32, 3
