@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "AUGMENT_ON",
     "AUGMENTS",
     "BACKENDS",
     "FORMATS",
@@ -220,3 +221,7 @@ AUGMENTS = Registry(
         "byol": "objcrop.crops.augment:byol_view_transforms",
     },
 )
+
+#: Where the views are made (``crops.augment_on``): ``loader`` workers (PIL, per sample), the training
+#: ``device`` (batched), or ``auto`` (the device when training on CUDA, the loader otherwise).
+AUGMENT_ON = ("auto", "loader", "device")

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from objcrop import registry
 from objcrop.crops.dataset import BoxSource, ObjectAwareDataset
 from objcrop.crops.decode import decode_image, pad_images, resolve_decoder
 from objcrop.crops.device_views import AUGMENT_PRESETS, AugmentPreset, DeviceViewMaker
@@ -33,7 +34,7 @@ __all__ = ["AUGMENT_ON", "DeviceViewDataset", "collate_images", "resolve_augment
 
 logger = logging.getLogger("objcrop.crops.dataset")  # the loader path's logger: one place for skipped records
 
-AUGMENT_ON = ("auto", "loader", "device")
+AUGMENT_ON = registry.AUGMENT_ON
 
 
 def resolve_augment_on(choice: str, device: torch.device | str | None = None) -> str:

@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from objcrop import registry
+from objcrop.crops.policies import OBJECT_SCALE_MODES  # numpy only: config stays torch-free
 from objcrop.ssl.errors import ConfigError
 
 __all__ = [
@@ -111,15 +112,13 @@ CHOICES = {
     "data.format": registry.FORMATS.names(),
     "crops.policy": registry.POLICIES.names(),
     "crops.augment": registry.AUGMENTS.names(),
-    "crops.augment_on": ("auto", "loader", "device"),
+    "crops.augment_on": registry.AUGMENT_ON,
     "method.name": registry.METHODS.names(),
     "optim.name": ("sgd", "lars"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
 }
 
-# Keys that name a choice of strings or a pair of numbers [lo, hi].
-OBJECT_SCALE_MODES = ("paper", "per-region")
 
 # Values the trainer derives and records in the run's config (e.g. the paper's S_min, resolved from
 # the proposals). A config file may carry them (a saved config read back): they are dropped on input,
