@@ -1,0 +1,108 @@
+"""The ``--quick`` modes of ``benchmarks/bench_detect.py`` and ``benchmarks/gpu_quality.py`` run every step.
+
+The scripts are imported from the benchmarks folder (they import ``bench_quality`` from next to them)
+and their ``main`` is called in-process with a temporary output folder.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """Imports a benchmark script by name, on one thread (the tests share 2 cores)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    threads = torch.get_num_threads()
+    yield importlib.import_module
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_bench_detect_quick_runs_three_starts_and_resumes(bench, tmp_path, capsys):
+    bench_detect = bench("bench_detect")
+    out = tmp_path / "bd"
+    summary = bench_detect.main(["--quick", "--threads", "1", "--out", str(out)])
+    rows = summary["results"]
+    assert list(rows) == list(bench_detect.STARTS)
+    assert rows["random init"]["weights"] is None
+    for start in ("scene-scene", "obj-obj-dilate"):  # pretrained here, one checkpoint per SSL start
+        assert Path(rows[start]["weights"]).is_file()
+        assert Path(rows[start]["weights"]).is_relative_to(out / "pretrain" / f"{start}-seed0")
+    assert {r["train_iters"] for r in rows.values()} == {3}
+    assert {r["test_images"] for r in rows.values()} == {round(24 * 0.2)}
+    assert len({r["checkpoint"] for r in rows.values()}) == 3  # one detector per start
+    saved = json.loads((out / "detect.json").read_text())
+    assert saved["config"]["norm"] == "bn" and saved["config"]["max_iters"] == 3  # the schedule every start shares
+    report = (out / "detect.md").read_text()
+    assert all(f"| {start} |" in report for start in bench_detect.STARTS)
+    assert "Measured order by AP50: " in report
+
+    again = bench_detect.main(["--quick", "--threads", "1", "--out", str(out)])  # finished runs are reused
+    for start, row in rows.items():
+        assert again["results"][start]["weights"] == row["weights"]
+        assert {k: again["results"][start][k] for k in bench_detect.SHOWN} == {k: row[k] for k in bench_detect.SHOWN}
+    capsys.readouterr()
+
+
+def test_bench_detect_refuses_a_missing_checkpoint_before_any_work(bench, tmp_path, capsys):
+    bench_detect = bench("bench_detect")
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(SystemExit) as exit_info:
+        bench_detect.main(["--out", str(tmp_path / "bd"), "--checkpoints", f"scene-scene={missing}"])
+    assert exit_info.value.code == 2
+    assert str(missing) in capsys.readouterr().err
+    assert not (tmp_path / "bd").exists()
+    with pytest.raises(SystemExit):
+        bench_detect.parse_args(["--checkpoints", "supervised=x.pt"])
+    assert "unknown start 'supervised'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gpu_quality_quick_pairs_two_seeds(bench, tmp_path, capsys):
+    gpu_quality = bench("gpu_quality")
+    out = tmp_path / "gq"
+    summary = gpu_quality.main(["--quick", "--out", str(out)])
+    results = summary["results"]
+    assert set(results) == {"scene-scene", "obj-obj-dilate", "random init"}
+    arm, base = results["obj-obj-dilate"]["32"], results["scene-scene"]["32"]
+    assert len(arm) == len(base) == 2 and summary["stopped"] == ""
+    (row,) = summary["paired"]
+    assert row["pairs"] == 2 and row["diffs"] == pytest.approx([a - b for a, b in zip(arm, base, strict=True)])
+    assert row["ci"][0] <= row["mean"] <= row["ci"][1]
+    assert summary["plan"]["steps"] == 2 and summary["plan"]["calibration"]["steps"] == 2
+    saved = json.loads((out / "gpu_quality.json").read_text())
+    assert saved["paired"] == summary["paired"]
+    report = (out / "gpu_quality.md").read_text()
+    assert "| obj-obj-dilate - scene-scene | 32 px | 2 |" in report
+    capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_gpu_quality_time_guard_stops_after_a_complete_pair(bench, tmp_path, capsys):
+    gpu_quality = bench("gpu_quality")
+    summary = gpu_quality.main(["--quick", "--time-budget", "1", "--out", str(tmp_path / "gq")])
+    assert summary["plan"]["steps"] == 1  # no time left after the calibration: the fewest steps
+    assert summary["stopped"].startswith("seed 1 of 2")
+    assert len(summary["results"]["obj-obj-dilate"]["32"]) == len(summary["results"]["scene-scene"]["32"]) == 1
+    (row,) = summary["paired"]
+    assert row["pairs"] == 1 and row["ci"] is None and row["p"] is None
+    assert "stopped early" in (tmp_path / "gq" / "gpu_quality.md").read_text()
+    capsys.readouterr()
+
+
+def test_steady_rate_leaves_the_start_up_out(bench, tmp_path):
+    gpu_quality = bench("gpu_quality")
+    # 8 images per step; 10 s of start-up, then 4 steps per second: step 20 at 15 s, step 60 at 25 s.
+    log = tmp_path / "log.csv"
+    log.write_text(f"step,loss,img_per_s\n20,1.0,{20 * 8 / 15}\n40,1.0,{40 * 8 / 20}\n60,0.9,{60 * 8 / 25}\n")
+    assert gpu_quality.steady_rate(log, batch_size=8) == pytest.approx(32.0)
+    log.write_text("step,loss,img_per_s\n20,1.0,10.0\n")
+    assert gpu_quality.steady_rate(log, batch_size=8) is None
