@@ -5,13 +5,13 @@ On one H100/H200 with 16 CPU cores:
 1. synthesizes ``--images`` (12,000) scenes of 160 px on 16 processes (2-4 objects of 15-40 % of the side,
    the quality benchmark's scene settings);
 2. trains our BING on the boxes of 2,000 train scenes and computes proposals for the whole train split;
-3. times a short calibration run, then fixes the steps of every run so that the whole command fits
-   ``--time-budget`` (never more than ``--steps``);
+3. times a short calibration run and the random-init probe, then fixes the steps of every run so that
+   the whole command fits ``--time-budget`` (never more than ``--steps``);
 4. pretrains MoCo (ResNet-18, 112 px views, in-batch negatives at batch 256, bf16, views made on the
    GPU) with scene-scene and obj-obj-dilate crops, equal steps, 2 seeds; arms with the same seed share
    initial weights and sampler order;
-5. scores every backbone and a random init with the linear probe on cached features (multi-label test
-   mAP at the ``--readout`` sizes);
+5. scores every backbone with the linear probe on cached features (multi-label test mAP at the
+   ``--readout`` sizes);
 6. writes ``OUT/gpu_quality.json`` (every value, the plan, the timings, the hardware) and
    ``OUT/gpu_quality.md`` with the paired per-seed difference, its t-interval and p.
 
@@ -156,8 +156,12 @@ def steady_rate(log_csv: Path, batch_size: int) -> float | None:
     return (s1 - s0) * batch_size / dt if dt > 0 else None
 
 
-def plan_steps(args, out: Path, settings: DemoSettings, data: Path, store: str, started: float) -> dict:
-    """The steps of every run: ``--steps``, or fewer when the calibration says they would not fit."""
+def plan_steps(args, out: Path, settings: DemoSettings, data: Path, store: str, splits, started: float) -> dict:
+    """The steps of every run: ``--steps``, or fewer when the calibration says they would not fit.
+
+    The calibration is a short obj-obj-dilate run (its steady rate and its fixed cost per run) and the
+    random-init probe, which the summary needs anyway (the time of one probe).
+    """
     saved = out / "plan.json"
     if saved.exists():  # a rerun keeps the plan, so finished runs are reused and arms stay equal
         return json.loads(saved.read_text())
@@ -170,11 +174,14 @@ def plan_steps(args, out: Path, settings: DemoSettings, data: Path, store: str, 
     wall = time.perf_counter() - t0
     rate = steady_rate(out / "calibration" / "log.csv", args.batch_size) or result.images_per_second
     overhead = max(wall - args.calibration_steps * args.batch_size / rate, 0.0)
+    t0 = time.perf_counter()
+    random_init, chance = probe("random:resnet18", *splits, args, out / "features", 0)
+    probe_seconds = time.perf_counter() - t0
     runs = args.seeds * len(ARMS)
-    probes = (runs + 1) * len(args.readout) * RATES["probe_s"]
-    left = args.time_budget - (time.perf_counter() - started) - probes
+    left = args.time_budget - (time.perf_counter() - started) - runs * probe_seconds
     fit = int((left / runs - overhead) * rate / args.batch_size) if left > 0 else 0
     steps = max(min(args.steps, fit), 1)
+    per_run = overhead + steps * args.batch_size / rate + probe_seconds
     plan = {
         "steps": steps,
         "steps_asked": args.steps,
@@ -183,8 +190,11 @@ def plan_steps(args, out: Path, settings: DemoSettings, data: Path, store: str, 
             "seconds": round(wall, 1),
             "img_per_s": round(rate, 1),
             "overhead_s": round(overhead, 1),
+            "probe_s": round(probe_seconds, 1),
         },
-        "estimate_s": estimate(args, steps, args.seeds),
+        "projected_total_s": round(time.perf_counter() - started + runs * per_run, 1),
+        "random_init": random_init,
+        "chance": chance,
     }
     write_json_atomic(saved, plan, indent=1)
     return plan
@@ -314,20 +324,19 @@ def main(argv: list[str] | None = None) -> dict:
     store = proposals(args, data, train)
     timings["proposals"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    plan = plan_steps(args, out, settings, data, store, started)
-    timings["calibration"] = time.perf_counter() - t0
+    plan = plan_steps(args, out, settings, data, store, (train, test), started)
+    timings["calibration and random-init probe"] = time.perf_counter() - t0
     _say(
         f"plan: {plan['steps']} steps per run (asked {args.steps}); calibration {plan['calibration']}; "
-        f"estimate {plan['estimate_s']}"
+        f"projected total {plan['projected_total_s']} s of the {args.time_budget:.0f} s budget"
     )
 
     settings.steps = plan["steps"]
     results: dict[str, dict[str, list[float]]] = {a: {str(s): [] for s in args.readout} for a in ARMS}
     stopped, pair_seconds = "", []
     for seed in range(args.seeds):
-        # A pair (both arms, their probes) as long as the longest so far, then the random-init probe.
-        needed = (max(pair_seconds) if pair_seconds else 0.0) + len(args.readout) * RATES["probe_s"]
-        if seed and time.perf_counter() - started + needed > args.time_budget:
+        # Another pair (both arms and their probes) as long as the longest so far must still fit.
+        if seed and time.perf_counter() - started + max(pair_seconds) > args.time_budget:
             stopped = f"seed {seed} of {args.seeds} would end past the {args.time_budget:.0f} s budget"
             _say(f"time guard: {stopped}; summarizing {seed} seed(s)")
             break
@@ -351,10 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
         pair_seconds.append(time.perf_counter() - t_pair)
 
-    t0 = time.perf_counter()
-    random_values, chance = probe("random:resnet18", train, test, args, out / "features", 0)
-    timings["probe random init"] = time.perf_counter() - t0
-    results["random init"] = {s: [v] for s, v in random_values.items()}
+    results["random init"] = {s: [v] for s, v in plan["random_init"].items()}
     comparisons = [
         {"arm": ARM, "baseline": BASELINE, "size": s, **paired(results[ARM][str(s)], results[BASELINE][str(s)])}
         for s in args.readout
@@ -368,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_images": len(train),
         "test_images": len(test),
         "results": {k: v for k, v in results.items() if any(v.values())},
-        "chance": chance,
+        "chance": plan["chance"],
         "paired": comparisons,
         "stopped": stopped,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
