@@ -16,7 +16,11 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
         "--annotations",
         help="COCO JSON / VOC Annotations folder / OpenImages boxes CSV / YOLO labels folder (not for 'folder')",
     )
-    parser.add_argument("--images", required=True, help="folder of the images (webdataset: a folder of .tar shards, one shard, or a brace pattern)")
+    parser.add_argument(
+        "--images",
+        required=True,
+        help="folder of the images (webdataset: a folder of .tar shards, one shard, or a brace pattern)",
+    )
     parser.add_argument("--labels-csv", help="OpenImages: image-level labels CSV")
     parser.add_argument("--classes-csv", help="OpenImages: class descriptions CSV; YOLO: file of class names")
 
