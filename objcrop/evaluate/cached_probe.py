@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from objcrop.data.records import Records
-from objcrop.evaluate.features import cached_features, valid_rows
+from objcrop.evaluate.features import cached_split_features, valid_rows
 from objcrop.evaluate.linear import DEFAULT_LRS, DEFAULT_WDS, LinearResult
 from objcrop.evaluate.losses import classification_loss
 from objcrop.evaluate.metrics import chance_level, labels_for_task, metric_name, score_predictions
@@ -196,9 +196,11 @@ def cached_linear_probe(
     """The ``cached`` protocol of :func:`objcrop.evaluate.linear.linear_probe` (same arguments, see there)."""
     train_y, test_y = labels_for_task(train_records, task), labels_for_task(test_records, task)
     start = time.perf_counter()
-    common = dict(
-        spec=spec,
-        size=size,
+    train_x, test_x, cache_hits = cached_split_features(
+        spec,
+        train_records,
+        test_records,
+        size,
         cache_dir=cache_dir,
         arch=arch,
         small_images=small_images,
@@ -209,8 +211,6 @@ def cached_linear_probe(
         device=device,
         progress=progress,
     )
-    train_x, hit_train = cached_features(records=train_records, split="train", **common)
-    test_x, hit_test = cached_features(records=test_records, split="test", **common)
     seconds_features = time.perf_counter() - start
 
     train_ok, test_ok = valid_rows(train_x), valid_rows(test_x)
@@ -265,6 +265,6 @@ def cached_linear_probe(
         val_value=chosen["val_value"],
         seconds_features=seconds_features,
         seconds_train=seconds_train,
-        cache_hits=int(hit_train) + int(hit_test),
+        cache_hits=cache_hits,
         grid=chosen["grid"],
     )

@@ -37,6 +37,7 @@ __all__ = [
     "augment_transform",
     "cache_entry_name",
     "cached_features",
+    "cached_split_features",
     "dataset_key",
     "default_cache_dir",
     "extract_features",
@@ -312,3 +313,23 @@ def cached_features(
     feats = extract_features(backbone.to(device), records, size, batch_size, workers, mode, progress)
     cache.save(name, key, feats)
     return feats, False
+
+
+def cached_split_features(
+    spec: str | os.PathLike, train_records: Records, test_records: Records, size: int, **options
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The train and test features of one backbone, as the probes read them (one cache, one backbone).
+
+    Args:
+        spec: Backbone spec.
+        train_records: The train split.
+        test_records: The test split.
+        size: Read-out side in pixels.
+        **options: The keyword arguments of :func:`cached_features`.
+
+    Returns:
+        Train features, test features, and how many of the two came from the cache.
+    """
+    train_x, hit_train = cached_features(spec, train_records, "train", size, **options)
+    test_x, hit_test = cached_features(spec, test_records, "test", size, **options)
+    return train_x, test_x, int(hit_train) + int(hit_test)

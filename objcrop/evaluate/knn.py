@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from objcrop.data.records import Records
-from objcrop.evaluate.features import cached_features, extract_features, valid_rows
+from objcrop.evaluate.features import cached_split_features, extract_features, valid_rows
 from objcrop.evaluate.metrics import TASKS, check_same_classes, labels_for_task, metric_name, score_predictions
 
 __all__ = ["KNNMonitor", "KNNProbeResult", "KNNResult", "knn_evaluate", "knn_probe", "knn_scores"]
@@ -185,27 +185,25 @@ def knn_probe(
         raise ValueError("give at least one k")
     check_same_classes(train_records, test_records)
     train_y, test_y = labels_for_task(train_records, task), labels_for_task(test_records, task)
-    feats = {}
-    for split, records in (("train", train_records), ("test", test_records)):
-        feats[split], _ = cached_features(
-            spec,
-            records,
-            split,
-            size,
-            cache_dir=cache_dir,
-            arch=arch,
-            small_images=small_images,
-            seed=seed,
-            mode=mode,
-            batch_size=feature_batch_size,
-            workers=workers,
-            device=device,
-            progress=progress,
-        )
+    train_x, test_x, _ = cached_split_features(
+        spec,
+        train_records,
+        test_records,
+        size,
+        cache_dir=cache_dir,
+        arch=arch,
+        small_images=small_images,
+        seed=seed,
+        mode=mode,
+        batch_size=feature_batch_size,
+        workers=workers,
+        device=device,
+        progress=progress,
+    )
     results = knn_evaluate(
-        feats["train"],
+        train_x,
         train_y,
-        feats["test"],
+        test_x,
         test_y,
         k=k,
         temperature=temperature,
