@@ -172,3 +172,58 @@ def _tiny_batch_fixture():
 def _tiny_method_fixture():
     """:func:`tiny_method`."""
     return tiny_method
+
+
+# ---------------------------------------------------------------------- tiny training runs
+
+
+def tiny_run_settings(scenes: Path, out: Path, method: str = "moco", **extra) -> dict:
+    """Dotted settings of a deterministic fp32 CPU run on ``scenes`` (an ``objcrop synth`` folder):
+    ResNet-18 at 32 px, batch 8, 2 epochs (6 steps each on 64 scenes of 40 px)."""
+    method_settings = {**TINY_METHODS[method], **({"small_images": True} if method == "densecl" else {})}
+    settings = {
+        "data.annotations": str(scenes / "train.json"),
+        "data.images": str(scenes / "images"),
+        "crops.size": 32,
+        "method.name": method,
+        "method.backbone": "resnet18",
+        **{f"method.{k}": v for k, v in method_settings.items()},
+        "optim.batch_size": 8,
+        "optim.lr_reference_batch": 8,
+        "optim.epochs": 2,
+        "optim.warmup_epochs": 0.5,
+        "train.out": str(out),
+        "train.device": "cpu",
+        "train.precision": "fp32",
+        "train.channels_last": False,
+        "train.workers": 0,
+        "train.threads": 1,
+        "train.deterministic": True,
+        "train.checkpoint_every_steps": 2,
+        "train.log_every_steps": 1,
+        "train.tensorboard": False,
+        "train.progress": False,
+    }
+    settings.update(extra)
+    return settings
+
+
+@pytest.fixture
+def restore_torch_globals():
+    """The trainer sets process-wide torch flags; this puts them back after a test that trains."""
+    import torch
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+@pytest.fixture(scope="session")
+def tiny_scenes(tmp_path_factory) -> Path:
+    """64 synthetic scenes of 40 px (51 training images: 6 batches of 8 per epoch), made once per session."""
+    from objcrop.data.synth import synthesize
+
+    out = tmp_path_factory.mktemp("tiny_scenes")
+    synthesize(out, num_images=64, seed=0, size=40, progress=False)
+    return out

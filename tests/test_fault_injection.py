@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from objcrop.cli import main
 from objcrop.data.synth import synthesize
@@ -66,11 +65,8 @@ def scenes(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def restore_torch_globals():
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+def _torch_globals(restore_torch_globals):
+    """The pretrain test changes torch's process-wide flags: put them back afterwards."""
 
 
 def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], delay: float, timeout: float = 300) -> bool:

@@ -33,6 +33,7 @@ from objcrop.proposals import open_proposals
 from objcrop.ssl.checkpoint import load_checkpoint
 from objcrop.ssl.config import ConfigError, load_config
 from objcrop.ssl.trainer import Trainer, pretrain
+from tests.conftest import tiny_run_settings
 
 COCO = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "coco128"
 
@@ -191,58 +192,21 @@ def test_both_paths_make_the_same_views_of_coco_samples_with_augmentations_off()
 
 
 # -- in the trainer -------------------------------------------------------------------------------------------
-METHOD_SETTINGS = {
-    "moco": {"dim": 16, "hidden_dim": 32, "queue_size": 64},
-    "byol": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32},
-    "densecl": {"dim": 16, "hidden_dim": 32, "queue_size": 64, "small_images": True},
-}
-
-
-@pytest.fixture(scope="module")
-def train_scenes(tmp_path_factory) -> Path:
+@pytest.fixture(scope="session")
+def train_scenes(tiny_scenes) -> Path:
     """64 scenes of 40 px: 51 training images, 6 batches of 8 per epoch."""
-    out = tmp_path_factory.mktemp("train_scenes")
-    synthesize(out, num_images=64, seed=0, size=40, progress=False)
-    return out
+    return tiny_scenes
 
 
 @pytest.fixture(autouse=True)
-def restore_torch_globals():
-    """The trainer sets process-wide torch flags; put them back for the other tests."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+def _torch_globals(restore_torch_globals):
+    """The training tests below change torch's process-wide flags: put them back afterwards."""
 
 
 def tiny_config(scenes: Path, out: Path, method: str = "moco", **extra) -> dict:
     """A deterministic fp32 CPU run on the device path: ResNet-18 at 32 px, batch 8, 2 epochs of 6 steps."""
-    settings = {
-        "data.annotations": str(scenes / "train.json"),
-        "data.images": str(scenes / "images"),
-        "crops.size": 32,
-        "crops.augment_on": "device",
-        "crops.augment": "byol" if method == "byol" else "moco-v2",
-        "method.name": method,
-        "method.backbone": "resnet18",
-        **{f"method.{k}": v for k, v in METHOD_SETTINGS[method].items()},
-        "optim.batch_size": 8,
-        "optim.lr_reference_batch": 8,
-        "optim.epochs": 2,
-        "optim.warmup_epochs": 0.5,
-        "train.out": str(out),
-        "train.device": "cpu",
-        "train.precision": "fp32",
-        "train.channels_last": False,
-        "train.workers": 0,
-        "train.threads": 1,
-        "train.deterministic": True,
-        "train.checkpoint_every_steps": 2,
-        "train.log_every_steps": 1,
-        "train.tensorboard": False,
-        "train.progress": False,
-        **extra,
-    }
+    device = {"crops.augment_on": "device", "crops.augment": "byol" if method == "byol" else "moco-v2"}
+    settings = tiny_run_settings(scenes, out, method, **{**device, **extra})
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()])
 
 

@@ -22,7 +22,6 @@ import yaml
 
 from objcrop import registry
 from objcrop.cli import main
-from objcrop.data.synth import synthesize
 from objcrop.io import atomic_open
 from objcrop.ssl.checkpoint import load_checkpoint
 from objcrop.ssl.config import ConfigError, load_config
@@ -30,60 +29,23 @@ from objcrop.ssl.errors import NonFiniteLossError
 from objcrop.ssl.moco import MoCoV2
 from objcrop.ssl.monitors import Monitor
 from objcrop.ssl.trainer import Trainer, pretrain
+from tests.conftest import tiny_run_settings
 
 REPO = Path(__file__).resolve().parents[2]
 
-METHOD_SETTINGS = {
-    "moco": {"dim": 16, "hidden_dim": 32, "queue_size": 64},
-    "byol": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32},
-    "densecl": {"dim": 16, "hidden_dim": 32, "queue_size": 64, "small_images": True},
-}
 
-
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory) -> Path:
+@pytest.fixture(scope="session")
+def scenes(tiny_scenes) -> Path:
     """64 scenes of 40 px: 51 training images, so 6 batches of 8 per epoch."""
-    out = tmp_path_factory.mktemp("scenes")
-    synthesize(out, num_images=64, seed=0, size=40, progress=False)
-    return out
+    return tiny_scenes
 
 
 @pytest.fixture(autouse=True)
-def restore_torch_globals():
-    """The trainer sets process-wide torch flags; put them back for the other tests."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+def _torch_globals(restore_torch_globals):
+    """Every test here trains: put torch's process-wide flags back afterwards."""
 
 
-def tiny_settings(scenes: Path, out: Path, method: str = "moco", **extra) -> dict:
-    """Dotted settings of a deterministic fp32 run: ResNet-18 at 32 px, batch 8, 2 epochs of 6 steps."""
-    settings = {
-        "data.annotations": str(scenes / "train.json"),
-        "data.images": str(scenes / "images"),
-        "crops.size": 32,
-        "method.name": method,
-        "method.backbone": "resnet18",
-        **{f"method.{k}": v for k, v in METHOD_SETTINGS[method].items()},
-        "optim.batch_size": 8,
-        "optim.lr_reference_batch": 8,
-        "optim.epochs": 2,
-        "optim.warmup_epochs": 0.5,
-        "train.out": str(out),
-        "train.device": "cpu",
-        "train.precision": "fp32",
-        "train.channels_last": False,
-        "train.workers": 0,
-        "train.threads": 1,
-        "train.deterministic": True,
-        "train.checkpoint_every_steps": 2,
-        "train.log_every_steps": 1,
-        "train.tensorboard": False,
-        "train.progress": False,
-    }
-    settings.update(extra)
-    return settings
+tiny_settings = tiny_run_settings
 
 
 def tiny_config(scenes: Path, out: Path, method: str = "moco", **extra) -> dict:
