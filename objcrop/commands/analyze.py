@@ -57,6 +57,11 @@ def _register_coverage(analyses) -> None:
         "--min-box-size", type=float, default=0.0, help="grow proposals to at least this side in pixels (0: off)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object per policy, one per line")
+    parser.add_argument(
+        "--out",
+        metavar="FILE.json",
+        help="also write a result file: every policy's numbers with commit, machine, date and command",
+    )
     parser.set_defaults(func=run_coverage)
 
 
@@ -84,4 +89,14 @@ def run_coverage(args: argparse.Namespace) -> int:
             print(json.dumps(result.to_dict()), flush=True)
     if not args.json:
         print(coverage_table(results))
+    if args.out:
+        from objcrop.commands.analyze_results import write_result
+
+        keys = ("proposals", "pairs_per_image", "seed", "bootstrap", "delta", "topk", "min_box_size")
+        settings = {key: getattr(args, key) for key in (*keys, "object_scale", "object_scale_cap")}
+        write_result(
+            args.out,
+            "coverage",
+            {"settings": settings, "images": len(records), "results": [r.to_dict() for r in results]},
+        )
     return 0
