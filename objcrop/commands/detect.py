@@ -83,6 +83,22 @@ def register(subparsers) -> None:
         help="frozen: FrozenBatchNorm (torchvision); bn: trainable BN in backbone, FPN and a 4conv1fc box "
         "head (the Detectron2 protocol, which uses SyncBN over 8 GPUs)",
     )
+    p.add_argument(
+        "--box-head",
+        default="auto",
+        help="auto (4conv1fc with --norm bn, 2fc with frozen), 2fc or 4conv1fc (default auto)",
+    )
+    p.add_argument(
+        "--anchor-sizes",
+        type=int,
+        nargs=5,
+        metavar="PX",
+        help="anchor side per level P2-P6 in pixels of the resized image (default 32 64 128 256 512); "
+        "smaller ones suit small images",
+    )
+    p.add_argument(
+        "--fpn-channels", type=int, default=256, help="FPN channels (default 256; fewer make CPU runs faster)"
+    )
     p.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (default 0.5)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     p.add_argument("--no-amp", action="store_true", help="train in fp32 on GPU")
@@ -111,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
 
     from objcrop.evaluate.detection import DetectionConfig, run_detection
     from objcrop.evaluate.detection_metrics import METRICS
+    from objcrop.evaluate.detection_model import check_detector_options
     from objcrop.ssl.errors import NonFiniteLossError
 
     ground_truth = args.ground_truth or ("json" if args.format == "coco" else "records")
@@ -127,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
         proposals_train=args.proposals_train,
         proposals_test=args.proposals_test,
         rois_per_image=args.rois_per_image,
+        box_head=args.box_head,
+        anchor_sizes=tuple(args.anchor_sizes) if args.anchor_sizes else None,
+        fpn_channels=args.fpn_channels,
         epochs=args.epochs,
         max_iters=args.max_iters,
         batch_size=args.batch_size,
@@ -142,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         checkpoint_every=args.checkpoint_every,
     )
+    # The model options are checked before any image is read (building the model is the first step that would).
+    check_detector_options(config.box_head, config.anchor_sizes, config.fpn_channels)
     train = _records(args, args.train_annotations, args.train_images, args.max_train_images)
     test = _records(args, args.test_annotations, args.test_images, args.max_test_images)
     try:

@@ -8,6 +8,7 @@ GPU, resumable checkpoints), inference, and :func:`run_detection`, which chains 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -214,6 +215,19 @@ def _loader(dataset, batch_size: int, workers: int, sampler=None, device: torch.
     )
 
 
+@contextlib.contextmanager
+def _step_rng(seed: int, it: int, device: torch.device):
+    """Seeds torch's global generators from ``(seed, it)`` for one step and restores them afterwards.
+
+    The RPN and RoI samplers draw from the global generators; without this a resumed run would draw other
+    samples than the uninterrupted one, and the caller's random state would depend on the step count.
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(np.random.SeedSequence([seed, it]).generate_state(1)[0]))
+        yield
+
+
 def _train_step(model, images, targets, optimizer, scaler, use_amp: bool, it: int) -> float:
     with torch.autocast(images[0].device.type, dtype=torch.float16, enabled=use_amp):
         losses = model(images, targets)
@@ -309,7 +323,10 @@ def train_detector(
             for imgs, targets, dropped in _loader(dataset, batch, config.workers, sampler, device):
                 skipped += dropped
                 if imgs:  # empty when every image of the batch was unreadable
-                    last_loss = _train_step(model, *_to_device(imgs, targets, device), optimizer, scaler, use_amp, it)
+                    with _step_rng(config.seed, it, device):
+                        last_loss = _train_step(
+                            model, *_to_device(imgs, targets, device), optimizer, scaler, use_amp, it
+                        )
                     images += len(imgs)
                 scheduler.step()
                 it += 1

@@ -60,7 +60,15 @@ from objcrop.ssl.backbone_io import (
 )
 from objcrop.ssl.backbones import BACKBONES, TimmTrunk, is_timm, load_trunk_weights
 
-__all__ = ["BOX_HEADS", "NORMS", "backbone_weights", "build_detector", "freeze_batchnorm", "load_backbone_weights"]
+__all__ = [
+    "BOX_HEADS",
+    "NORMS",
+    "backbone_weights",
+    "build_detector",
+    "check_detector_options",
+    "freeze_batchnorm",
+    "load_backbone_weights",
+]
 
 NORMS = ("frozen", "bn")
 BOX_HEADS = ("auto", "2fc", "4conv1fc")
@@ -280,6 +288,18 @@ def timm_fpn_backbone(
     return TimmFPNBackbone(body, body.feature_info.channels(), nn.BatchNorm2d if norm == "bn" else None, fpn_channels)
 
 
+def check_detector_options(box_head: str, anchor_sizes: Sequence[float] | None, fpn_channels: int) -> None:
+    """Raises ``ValueError`` naming the option when the box head, anchors or FPN width are invalid."""
+    if box_head not in BOX_HEADS:
+        raise ValueError(f"unknown box_head {box_head!r}; choose one of {', '.join(BOX_HEADS)}")
+    if anchor_sizes is not None and (
+        len(anchor_sizes) != _PYRAMID_LEVELS or not all(s > 0 and math.isfinite(s) for s in anchor_sizes)
+    ):
+        raise ValueError(f"anchor_sizes must be {_PYRAMID_LEVELS} positive sizes (P2-P6), got {list(anchor_sizes)}")
+    if fpn_channels < 1:
+        raise ValueError(f"fpn_channels must be positive, got {fpn_channels}")
+
+
 def build_detector(
     arch: str,
     num_classes: int,
@@ -331,14 +351,7 @@ def build_detector(
         raise ValueError(f"unknown backbone {arch!r}; choose one of {', '.join(BACKBONES)} or timm:<name>")
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
-    if box_head not in BOX_HEADS:
-        raise ValueError(f"unknown box_head {box_head!r}; choose one of {', '.join(BOX_HEADS)}")
-    if anchor_sizes is not None and (
-        len(anchor_sizes) != _PYRAMID_LEVELS or not all(s > 0 and math.isfinite(s) for s in anchor_sizes)
-    ):
-        raise ValueError(f"anchor_sizes must be {_PYRAMID_LEVELS} positive sizes (P2-P6), got {list(anchor_sizes)}")
-    if fpn_channels < 1:
-        raise ValueError(f"fpn_channels must be positive, got {fpn_channels}")
+    check_detector_options(box_head, anchor_sizes, fpn_channels)
     if not 0 <= trainable_layers <= 5:
         raise ValueError(f"trainable_layers must be in 0..5, got {trainable_layers}")
     if num_classes < 1:
