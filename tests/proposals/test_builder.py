@@ -194,54 +194,94 @@ def test_parse_shard():
 # ------------------------------------------------------------------ kill -9 and resume
 
 SCRIPT = """
-import json, sys, time
+import json, os, signal, sys, time
 import numpy as np
+import objcrop.proposals.builder as builder
 from objcrop.data.records import Record, Records
-from objcrop.proposals.builder import build_store
 from objcrop.proposals.random_boxes import RandomBoxProposer
 
+# argv: spec, out, calls log, then optionally what to do at a fixed point: "image:N" kill -9 this
+# process as the N-th image is proposed, "write:N" halfway through writing the N-th chunk;
+# "wait:PATH" hold the first image until PATH exists.
+kind, arg = sys.argv[4].split(":", 1) if len(sys.argv) > 4 else ("", "0")
+
+def kill_9():
+    os.kill(os.getpid(), signal.SIGKILL)
+
 class Counting:
-    def __init__(self, log, delay):
-        self.log, self.delay, self.inner = log, delay, RandomBoxProposer(n=9)
+    def __init__(self, log):
+        self.log, self.inner, self.calls = log, RandomBoxProposer(n=9), 0
 
     def __call__(self, image):
         with open(self.log, "a") as f:
             f.write("x")
-        time.sleep(self.delay)
+        self.calls += 1
+        if kind == "image" and self.calls == int(arg):
+            kill_9()
+        deadline = time.monotonic() + 120  # a bound, so that a failed test cannot leave this running
+        while kind == "wait" and self.calls == 1 and not os.path.exists(arg) and time.monotonic() < deadline:
+            time.sleep(0.01)
         return self.inner(image)
+
+chunks_written = 0
+
+def write_bytes_then_maybe_die(path, data):
+    global chunks_written
+    chunks_written += 1
+    if kind == "write" and chunks_written == int(arg):
+        from objcrop.io import atomic_open
+        with atomic_open(path, "wb") as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            kill_9()
+    return write_bytes_atomic(path, data)
+
+write_bytes_atomic = builder.write_bytes_atomic
+builder.write_bytes_atomic = write_bytes_then_maybe_die
 
 spec = json.load(open(sys.argv[1]))
 recs = [Record(k, w, h) for k, (w, h) in zip(spec["keys"], spec["sizes"])]
 records = Records.from_records(recs, [], root=spec["root"])
-build_store(records, Counting(sys.argv[3], float(sys.argv[4])), sys.argv[2], shard_size=2, progress=False)
+builder.build_store(records, Counting(sys.argv[3]), sys.argv[2], shard_size=2, progress=False)
 """
 
 
-def test_kill_9_resumes_without_recomputing_finished_chunks(dataset, tmp_path):
+def _build_script(dataset, tmp_path) -> list[str]:
+    """The command line of SCRIPT on ``dataset`` without its last arguments (out, calls, fixed point)."""
     script = tmp_path / "build.py"
     script.write_text(textwrap.dedent(SCRIPT))
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"keys": dataset.keys(), "sizes": SIZES, "root": dataset.root}))
+    return [sys.executable, str(script), str(spec)]
+
+
+@pytest.mark.parametrize("kill", ["image:6", "write:3"])
+def test_kill_9_resumes_without_recomputing_finished_chunks(dataset, tmp_path, kill):
+    """The build kills itself (SIGKILL) at a fixed point: while proposing image 6 (chunk 3 of 4 half
+    done) or halfway through writing chunk 3. Exactly chunks 1 and 2 survive, and only the rest is
+    recomputed on resume."""
+    command = _build_script(dataset, tmp_path)
     out, calls = tmp_path / "s", tmp_path / "calls"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    proc = subprocess.Popen([sys.executable, str(script), str(spec), str(out), str(calls), "0.5"], env=env)
-    deadline = time.monotonic() + 60
-    while not list((out / "shards").glob("*.npz")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    finished = len(list((out / "shards").glob("*.npz")))
-    assert 1 <= finished < 4 and not (out / "meta.json").exists()
+    killed = subprocess.run([*command, str(out), str(calls), kill], env=env)
+    assert killed.returncode == -signal.SIGKILL
+    finished = sorted(p.name for p in (out / "shards").glob("*.npz"))
+    assert finished == ["000000000-000000002.npz", "000000002-000000004.npz"]
+    assert not (out / "meta.json").exists()
     first_calls = len(calls.read_text())
+    assert first_calls == 6
+    half_written = list((out / "shards").glob(".000000004-000000006.npz.*.tmp"))
+    assert len(half_written) == (kill == "write:3")
 
-    subprocess.run([sys.executable, str(script), str(spec), str(out), str(calls), "0"], env=env, check=True)
+    subprocess.run([*command, str(out), str(calls)], env=env, check=True)
     second_calls = len(calls.read_text()) - first_calls
-    assert second_calls == len(dataset) - 2 * finished  # the finished chunks were not recomputed
+    assert second_calls == len(dataset) - 4  # the two finished chunks were not recomputed
     resumed = ProposalStore.open(out, dataset)
 
     build_store(dataset, RandomBoxProposer(n=9), tmp_path / "clean", shard_size=2, progress=False)
     assert_same_store(resumed, ProposalStore.open(tmp_path / "clean", dataset))
+    assert not (out / "shards").exists(), "the merge left files in shards/"
 
 
 # ------------------------------------------------------------------ the command
@@ -383,23 +423,22 @@ def test_overwrite_removes_the_chunks_of_a_different_build(dataset, tmp_path):
 
 
 def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(dataset, tmp_path):
-    script = tmp_path / "build.py"
-    script.write_text(textwrap.dedent(SCRIPT))
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"keys": dataset.keys(), "sizes": SIZES, "root": dataset.root}))
-    out, calls = tmp_path / "s", tmp_path / "calls"
+    """The first run holds its first image until the second run has been refused: no race."""
+    command = _build_script(dataset, tmp_path)
+    out, calls, release = tmp_path / "s", tmp_path / "calls", tmp_path / "release"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(script), str(spec), str(out), str(calls), "0.3"], env=env)
+    proc = subprocess.Popen([*command, str(out), str(calls), f"wait:{release}"], env=env)
     try:
         deadline = time.monotonic() + 60
         while not calls.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert proc.poll() is None, "the first run ended before the second could start"
+        assert proc.poll() is None and calls.exists(), "the first run did not reach its first image"
         second = Counting()
         with pytest.raises(ValueError, match=rf"another objcrop propose \(pid {proc.pid}\) is writing {out}"):
             build_store(dataset, second, out, shard_size=2, progress=False)
         assert second.calls == 0
     finally:
+        release.touch()
         proc.wait(timeout=120)
     assert proc.returncode == 0 and len(calls.read_text()) == len(dataset)  # the first run did all, once
     build_store(dataset, Counting(), out, shard_size=2, progress=False)  # free again once it ended
