@@ -12,7 +12,7 @@ median over rounds (images/s counts images, i.e. view pairs) and the median of t
 ratio to the baseline of that round, which cancels most of the noise of shared cores. It also compares PIL's Gaussian
 blur with torchvision's.
 
-    python benchmarks/bench_crops.py --images 128 --repeats 7
+    python benchmarks/bench_crops.py --images 128 --repeats 7 --json benchmarks/results/crops-coco128.json
 """
 
 from __future__ import annotations
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="rounds (the median is reported)")
     parser.add_argument("--size", type=int, default=224, help="view side in pixels")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write a result file (benchmarks/results/)")
     args = parser.parse_args(argv)
     if not args.data.is_dir():
         parser.error(f"COCO folder not found: {args.data}")
@@ -140,14 +141,25 @@ def main(argv: list[str] | None = None) -> int:
     images, proposals = load_coco(args.data, args.images)
     print(f"{len(images)} images from {args.data}, {sum(map(len, proposals))} GT boxes, views {args.size} px")
     rng = np.random.default_rng(0)
+    measured: dict[str, list[dict]] = {}
     for augment in (True, False):
         seconds = time_pipelines(pipelines(args.size, augment), images, proposals, args.repeats)
         what = "crop + MoCo-v2 augmentations" if augment else "crop stage only (no augmentations)"
         print(f"\n{what}:")
         print(f"{'pipeline':<22}{'images/s':>10}{'ratio':>8}{'ratio range':>16}{'geometry us':>13}")
+        rows = measured["rows" if augment else "crop_only"] = []
         for name, secs in seconds.items():
             ratios = [b / s for b, s in zip(seconds[BASELINE], secs, strict=True)]
             geometry = f"{geometry_us(name, images, proposals, rng):.0f}" if augment and name in POLICIES else ""
+            rows.append(
+                {
+                    "pipeline": name,
+                    "img_per_s": len(images) / statistics.median(secs),
+                    "ratio": statistics.median(ratios),
+                    "ratio_range": [min(ratios), max(ratios)],
+                    "geometry_us": float(geometry) if geometry else None,
+                }
+            )
             print(
                 f"{name:<22}{len(images) / statistics.median(secs):>10.1f}{statistics.median(ratios):>8.3f}"
                 f"{f'{min(ratios):.3f}-{max(ratios):.3f}':>16}{geometry:>13}"
@@ -161,6 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = blur_comparison(images, args.size, args.repeats)
     for label, ms in rows:
         print(f"  {label:<52}{ms:>8.2f} ms  ({ms / rows[0][1]:.1f}x ours on PIL)")
+    if args.json:
+        from objcrop.commands.analyze_results import write_result
+
+        settings = {"data": str(args.data), "images": len(images), "size": args.size, "repeats": args.repeats}
+        blur = [{"what": label, "ms": ms} for label, ms in rows]
+        data = {"settings": settings | {"threads": args.threads}, "baseline": BASELINE, **measured, "blur_ms": blur}
+        write_result(args.json, "crops", data)
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -21,7 +21,8 @@ OpenCV's BING (``cv2.saliency.ObjectnessBING``, the contrib VOC model) prints a 
 call, so it runs with the working directory in a temporary folder and file descriptor 1 sent to /dev/null;
 its boxes are taken in the order it returns them (its three colour spaces one after the other).
 
-    python benchmarks/bench_proposals.py --rounds 3 --models-dir /tmp/bing_models
+    python benchmarks/bench_proposals.py --rounds 3 --models-dir /tmp/bing_models \
+        --json benchmarks/results/proposals-coco128.json
 """
 
 from __future__ import annotations
@@ -168,6 +169,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="training processes (default 1)")
     parser.add_argument("--topk", type=int, default=1000)
     parser.add_argument("--skip-opencv", action="store_true", help="leave OpenCV's own BING out")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write a result file (benchmarks/results/)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cv2.setNumThreads(1)
@@ -219,6 +221,7 @@ def main() -> None:
     print("one thread; ms: median over rounds of the mean over images\n")
     print(head)
     print("-" * len(head))
+    rows = []
     for name in methods:
         per_round = seconds[name].mean(axis=1)
         ms = float(np.median(per_round)) * 1000
@@ -226,6 +229,17 @@ def main() -> None:
         ratio = f"{np.median(reference.mean(axis=1) / per_round):8.1f}" if reference is not None else f"{'-':>8}"
         rec = "  ".join(f"{r:<7.3f}" for r in recalls[name])
         print(f"{name:<{width}}  {ms:7.2f}  {1000 / ms:7.0f}  {ratio}  {ms_vga:10.2f}  {rec}")
+        x_opencv = float(np.median(reference.mean(axis=1) / per_round)) if reference is not None else None
+        recall_at = {str(k): float(r) for k, r in zip(KS, recalls[name], strict=True)}
+        rows.append({"method": name, "ms": ms, "ms_640x480": ms_vga, "x_opencv": x_opencv, "recall": recall_at})
+    if args.json:
+        from objcrop.commands.analyze_results import write_result
+
+        settings = {"rounds": args.rounds, "topk": k, "iou": 0.5, "threads": 1, "test_images": len(images)}
+        settings |= {"test_boxes": int(test.boxes.shape[0]), "train_images": len(train)}
+        data = {"settings": settings, "ks": list(KS), "default": "ours, COCO-trained, rgb (default)", "rows": rows}
+        write_result(args.json, "proposals", data)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -480,7 +480,9 @@ def select_windows(ids, pos, val, res_h, res_w, topk, nss, per_size, taken):
             head, remaining = remaining[keep], remaining[~keep]
         else:
             head, remaining = remaining, remaining[:0]
-        for idx in head[np.argsort(-val[head])]:
+        # Ties go to the later raster position, as in OpenCV's std::sort of (value, index) pairs, descending.
+        head = head[np.argsort(-pos[head], kind="mergesort")]
+        for idx in head[np.argsort(-val[head], kind="mergesort")]:
             sid = ids[idx]
             if per_size > 0 and counts[sid] >= per_size:
                 continue

@@ -9,7 +9,7 @@ from os import PathLike
 import numpy as np
 
 from objcrop.proposals.bing import _kernels
-from objcrop.proposals.bing.features import ResizedImage, ResizePlan, as_rgb, window_layout
+from objcrop.proposals.bing.features import WINDOW, ResizedImage, ResizePlan, as_rgb, window_layout
 from objcrop.proposals.bing.model import BingModel
 
 __all__ = ["Candidates", "score_candidates", "select", "detect", "BingProposer"]
@@ -68,9 +68,22 @@ class _ImageGeometry:
         self.res_h = np.zeros(n, dtype=np.int64)
         self.res_w[layout.index] = layout.res_w
         self.res_h[layout.index] = layout.res_h
+        # OpenCV's boxes: each size's own sides, clipped to the image (None: scaled from the resized maps).
+        self.nominal = np.minimum(model.sizes, [width, height]).astype(np.int64) if model.boxes == "nominal" else None
 
     def boxes(self, size_id: np.ndarray, position: np.ndarray) -> np.ndarray:
-        return self.layout.boxes(self.slot[size_id], position)
+        if self.nominal is None:
+            return self.layout.boxes(self.slot[size_id], position)
+        size_id = np.asarray(size_id, dtype=np.int64)
+        position = np.asarray(position, dtype=np.int64)
+        side = self.nominal[size_id]
+        rw = self.res_w[size_id]
+        # A clipped side is the image's, whose map has one position, so the step side // 8 is exact where it counts.
+        x1 = position % rw * (side[:, 0] // WINDOW)
+        y1 = position // rw * (side[:, 1] // WINDOW)
+        x2 = np.minimum(x1 + side[:, 0], self.layout.width)
+        y2 = np.minimum(y1 + side[:, 1], self.layout.height)
+        return np.stack([x1, y1, x2, y2], axis=1).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -204,12 +217,37 @@ def _score_filter(
     return ids[:k].copy(), pos[:k].copy(), val[:k].copy(), np.full(k, fp.index, dtype=np.int32), raw[:k].copy()
 
 
-def select(cand: Candidates, geometry: _ImageGeometry, topk: int, nss: int, per_size: int = 0) -> np.ndarray:
-    """Indices of the windows kept by greedy per-size suppression, best calibrated score first."""
+def select(
+    cand: Candidates,
+    geometry: _ImageGeometry,
+    topk: int,
+    nss: int,
+    per_size: int = 0,
+    falling: np.ndarray | None = None,
+) -> np.ndarray:
+    """Indices of the windows kept by greedy per-size suppression, best calibrated score first.
+
+    Suppression runs in the order of the filter response, as in the paper and OpenCV; that is the order of
+    the calibrated score unless a size's calibration slope is not positive (``falling``: bool
+    ``[filters, sizes]``, see :meth:`BingModel.falling_slopes`). The windows of such sizes are suppressed apart,
+    by response, and merged by calibrated score (suppression never crosses sizes, so the result is the same).
+    """
     taken = _WORK.get("taken", int((geometry.res_h * geometry.res_w).sum()), np.uint8)
-    return _kernels.select_windows(
-        cand.size_id, cand.position, cand.score, geometry.res_h, geometry.res_w, int(topk), nss, int(per_size), taken
-    )
+
+    def run(idx: np.ndarray, key: np.ndarray, k: int) -> np.ndarray:
+        args = (cand.size_id[idx], cand.position[idx], key[idx], geometry.res_h, geometry.res_w)
+        return idx[_kernels.select_windows(*args, int(k), nss, int(per_size), taken)]
+
+    mask = None if falling is None or not falling.any() else falling[cand.filter_index, cand.size_id]
+    if mask is None or not mask.any():
+        return run(np.arange(len(cand.score)), cand.score, topk)
+    rising = run(np.flatnonzero(~mask), cand.score, topk)
+    # Their best responses may score worst, so only the per-size limit bounds how many can reach the merge.
+    falling_idx = np.flatnonzero(mask)
+    bound = per_size * len(np.unique(cand.size_id[falling_idx])) if per_size > 0 else len(falling_idx)
+    by_response = run(falling_idx, cand.raw, bound)
+    merged = np.concatenate([rising, by_response])
+    return merged[np.argsort(-cand.score[merged], kind="stable")[:topk]]
 
 
 def detect(
@@ -218,8 +256,8 @@ def detect(
     topk: int = 1000,
     *,
     binarized: bool = True,
-    per_size: int = 0,
-    all_positions: bool = False,
+    per_size: int | None = None,
+    all_positions: bool | None = None,
     rescore: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Object proposals of one image.
@@ -230,16 +268,20 @@ def detect(
         topk: Most windows returned.
         binarized: Score with the binarized filter and bit planes (fast, the paper's detector); False uses
             the exact float filter.
-        per_size: Most windows per window size (0: no limit).
-        all_positions: Consider every window instead of the 3x3 local maxima of each response map.
+        per_size: Most windows per window size (0: no limit; None: the model's).
+        all_positions: Consider every window instead of the 3x3 local maxima of each response map (None: the
+            model's).
         rescore: Rerank with the model's rescorer, if it has one (its scores are then its log-odds).
 
     Returns:
         ``boxes`` float32 ``[n, 4]`` xyxy pixels and ``scores`` float32 ``[n]``, best first.
     """
     rescorer = model.rescorer if rescore else None
+    per_size = model.per_size if per_size is None else per_size
+    all_positions = model.all_positions if all_positions is None else all_positions
     cand, geometry = score_candidates(model, image, binarized=binarized, all_positions=all_positions)
-    chosen = select(cand, geometry, topk if rescorer is None else max(topk, rescorer.pool), model.nss, per_size)
+    pool = topk if rescorer is None else max(topk, rescorer.pool)
+    chosen = select(cand, geometry, pool, model.nss, per_size, model.falling_slopes)
     boxes = geometry.boxes(cand.size_id[chosen], cand.position[chosen])
     scores = cand.score[chosen].astype(np.float32)
     if rescorer is None:
@@ -255,7 +297,7 @@ class BingProposer:
             OpenCV's ``ObjNessB2W8{MAXBGR,HSV,I}.*.yml.gz`` files.
         topk: Most windows per image.
         binarized: Use the binarized detector (default) or the exact float filter.
-        per_size: Most windows per window size (0: no limit).
+        per_size: Most windows per window size (0: no limit; None: the model's).
         rescore: Rerank with the model's rescorer when it has one.
     """
 
@@ -265,7 +307,7 @@ class BingProposer:
         topk: int = 1000,
         *,
         binarized: bool = True,
-        per_size: int = 0,
+        per_size: int | None = None,
         rescore: bool = True,
     ) -> None:
         if not isinstance(model, BingModel):
@@ -277,7 +319,7 @@ class BingProposer:
         self.model = model
         self.topk = int(topk)
         self.binarized = bool(binarized)
-        self.per_size = int(per_size)
+        self.per_size = None if per_size is None else int(per_size)
         self.rescore = bool(rescore)
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,8 @@ __all__ = [
 
 WINDOW = 8
 COLOUR_SPACES = ("rgb", "hsv", "gray")
-# "direct": bilinear from the full image for every size (OpenCV's BING; its trained models expect it).
+# "direct": bilinear from the full image for every size, bit-exact (INTER_LINEAR_EXACT) and, for gray, converted
+# after resizing, as OpenCV's BING does (its trained models expect it; the same maps give the same windows).
 # "pyramid": a map whose size is about half of an already computed one in width and/or height is
 # box-filtered from it; the others are bilinear from the full image. Several times cheaper, and less aliased.
 RESIZE_MODES = ("direct", "pyramid")
@@ -152,6 +153,7 @@ class ResizePlan:
         offsets: Int64 ``[S + 1]``; map ``i`` is ``[map_h[i], map_w[i], channels]`` at ``offsets[i]``.
         order: Int64 ``[S]`` order to build the maps in (parents first).
         parent: Int64 ``[S]`` map halved to get each map, -1 where the map is resized from the image.
+        exact: Resize as OpenCV's BING does (``direct`` mode): ``INTER_LINEAR_EXACT``, gray after resizing.
     """
 
     colour_space: str
@@ -160,6 +162,7 @@ class ResizePlan:
     offsets: np.ndarray
     order: np.ndarray
     parent: np.ndarray
+    exact: bool = False
 
     @classmethod
     def make(cls, layout: WindowLayout, colour_space: str, mode: str = "direct") -> ResizePlan:
@@ -174,7 +177,7 @@ class ResizePlan:
         np.cumsum(counts, out=offsets[1:])
         n = len(counts)
         order, parent = _pyramid_plan(layout) if mode == "pyramid" else (np.arange(n), np.full(n, -1, np.int64))
-        return cls(colour_space, layout, channels, offsets, order, parent)
+        return cls(colour_space, layout, channels, offsets, order, parent, exact=mode == "direct")
 
     @property
     def total(self) -> int:
@@ -227,14 +230,20 @@ class ResizedImage:
         """
         plan = plan or ResizePlan.make(layout, colour_space, mode)
         colour_space, layout = plan.colour_space, plan.layout
-        # Gray is linear in RGB, so converting before resizing is the same (up to rounding) and 3x cheaper.
-        source = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) if colour_space == "gray" else rgb
+        # Gray is linear in RGB, so converting before resizing is the same up to rounding and 3x cheaper; the exact
+        # (OpenCV) plan converts after resizing, as OpenCV's BING does, so that its models see the same pixels.
+        gray_first = colour_space == "gray" and not plan.exact
+        source = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) if gray_first else rgb
+        interpolation = cv2.INTER_LINEAR_EXACT if plan.exact else cv2.INTER_LINEAR
         total, offsets, channels = plan.total, plan.offsets, plan.channels
         pixels = buffer[:total] if buffer is not None and buffer.size >= total else np.empty(total, np.uint8)
         for i in np.flatnonzero(plan.parent < 0).tolist():
             mw, mh = int(layout.map_w[i]), int(layout.map_h[i])
             dst = pixels[offsets[i] : offsets[i + 1]].reshape((mh, mw) if channels == 1 else (mh, mw, 3))
-            cv2.resize(source, (mw, mh), dst=dst, interpolation=cv2.INTER_LINEAR)
+            if channels == 1 and not gray_first:
+                cv2.cvtColor(cv2.resize(source, (mw, mh), interpolation=interpolation), cv2.COLOR_RGB2GRAY, dst=dst)
+            else:
+                cv2.resize(source, (mw, mh), dst=dst, interpolation=interpolation)
         if (plan.parent >= 0).any():
             _kernels.build_pyramid(pixels, offsets, layout.map_h, layout.map_w, channels, plan.order, plan.parent)
         if colour_space == "hsv" and total:

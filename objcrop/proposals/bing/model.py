@@ -11,7 +11,12 @@ import numpy as np
 from objcrop.proposals.bing.features import COLOUR_SPACES, RESIZE_MODES, WINDOW
 from objcrop.proposals.bing.rescore import Rescorer
 
-__all__ = ["BingFilter", "BingModel", "binarize_weights"]
+__all__ = ["BOX_MODES", "BingFilter", "BingModel", "binarize_weights"]
+
+# How a window's box follows from its map position: "map" scales the 8x8 cells of the resized map back to the image
+# (what the filter saw); "nominal" is OpenCV's: the corner at position * (side // 8), the box of the size's own
+# width and height clipped to the image (with ``rint`` map sizes the two differ by up to a few pixels).
+BOX_MODES = ("map", "nominal")
 
 
 def binarize_weights(weights: np.ndarray, num_bases: int) -> tuple[np.ndarray, np.ndarray]:
@@ -86,6 +91,10 @@ class BingModel:
         resize: How the image is resized for each window size (see ``features.RESIZE_MODES``); a model is
             used with the mode it was trained with.
         rescorer: Optional second ranking of the best windows (see :mod:`.rescore`).
+        per_size: Default most windows per window size kept by detection (0: no limit; OpenCV: 250).
+        all_positions: Default candidates of detection: every window (OpenCV) rather than the 3x3 local maxima
+            of each response map. Suppression then can keep a window beside a suppressed better one.
+        boxes: One of :data:`BOX_MODES`.
         info: JSON-compatible notes (training data, parameters, measured recall).
     """
 
@@ -95,6 +104,9 @@ class BingModel:
     nss: int = 2
     resize: str = "pyramid"
     rescorer: Rescorer | None = None
+    per_size: int = 0
+    all_positions: bool = False
+    boxes: str = "map"
     info: dict = field(default_factory=dict)
     # Per image size, what detection precomputes (see detect._plan); not part of the model's value.
     plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -111,6 +123,10 @@ class BingModel:
             raise ValueError(f"nss must be >= 0, got {self.nss}")
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        if self.per_size < 0:
+            raise ValueError(f"per_size must be >= 0, got {self.per_size}")
+        if self.boxes not in BOX_MODES:
+            raise ValueError(f"boxes must be one of {BOX_MODES}, got {self.boxes!r}")
         object.__setattr__(self, "filters", filters)
 
     @property
@@ -127,6 +143,15 @@ class BingModel:
     def binarized(self) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
         """``(bases, coeffs)`` of each filter (see :func:`binarize_weights`)."""
         return tuple(binarize_weights(f.weights, self.num_bases) for f in self.filters)
+
+    @cached_property
+    def falling_slopes(self) -> np.ndarray:
+        """Bool ``[filters, U]``: where a filter's calibration slope for a size is not positive (OpenCV's model has
+        two such sizes), so that a better response does not mean a better score."""
+        out = np.zeros((len(self.filters), len(self.sizes)), dtype=bool)
+        for fi, f in enumerate(self.filters):
+            out[fi, self.size_ids(fi)] = f.calibration[:, 0] <= 0
+        return out
 
     def size_ids(self, filter_index: int) -> np.ndarray:
         """Int32 ``[S]``: row of :attr:`sizes` for each size of filter ``filter_index``."""

@@ -29,6 +29,9 @@ def _meta(model: BingModel) -> dict:
         "num_bits": model.num_bits,
         "nss": model.nss,
         "resize": model.resize,
+        "per_size": model.per_size,
+        "all_positions": model.all_positions,
+        "boxes": model.boxes,
         "rescorer": None
         if model.rescorer is None
         else {"pool": model.rescorer.pool, "bias": float(np.float32(model.rescorer.bias))},
@@ -88,6 +91,10 @@ def load_model(path: str | PathLike) -> BingModel:
         nss=int(meta["nss"]),
         resize=str(meta["resize"]),
         rescorer=rescorer,
+        # Files written before these settings existed used the defaults.
+        per_size=int(meta.get("per_size", 0)),
+        all_positions=bool(meta.get("all_positions", False)),
+        boxes=str(meta.get("boxes", "map")),
         info=meta.get("info", {}),
     )
 

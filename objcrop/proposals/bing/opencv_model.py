@@ -26,6 +26,7 @@ _MATRIX = re.compile(
 )
 # OpenCV's BING (and the authors' code) quantizes window sides to base ** t for t in ceil(log_b 10)..ceil(log_b 500).
 _MIN_SIDE, _MAX_SIDE = 10.0, 500.0
+_PER_SIZE = 250  # computeSaliency's numDetPerSize
 
 
 def read_opencv_matrix(path: str | PathLike) -> np.ndarray:
@@ -96,4 +97,16 @@ def load_opencv_model(
         calibration = np.stack([stage2[:, 0] / 16.0, stage2[:, 1]], axis=1)
         filters.append(BingFilter(space, weights, sizes, calibration))
     info = {"source": "opencv", "folder": str(folder), "base": base}
-    return BingModel(tuple(filters), num_bases=2, num_bits=4, nss=nss, resize="direct", info=info)
+    # OpenCV's detection: every window is a candidate of its size's greedy suppression, 250 per size, boxes of the
+    # nominal size (see docs/bing-opencv.md for what each setting changes).
+    return BingModel(
+        tuple(filters),
+        num_bases=2,
+        num_bits=4,
+        nss=nss,
+        resize="direct",
+        per_size=_PER_SIZE,
+        all_positions=True,
+        boxes="nominal",
+        info=info,
+    )
