@@ -60,7 +60,8 @@ def paper_linear_probe(
 
     The backbone stays in eval mode (BatchNorm statistics frozen) and gets no gradient. The lr drops
     x0.1 at each fraction of ``epochs`` in ``milestones`` (60 and 80 of 100 epochs by default).
-    Unreadable images are left out of the loss.
+    Unreadable images are left out of the loss, counted and logged: the returned head's ``unreadable``
+    lists their indices in ``records`` (each once, however many epochs read it).
 
     Args:
         backbone: Network mapping images to ``[B, D]`` features.
@@ -78,6 +79,9 @@ def paper_linear_probe(
         seed: Seed of the batch order and the augmentations.
         num_classes: Number of classes for ``single`` (defaults to ``max(labels) + 1``).
         progress: Show a progress bar.
+
+    Raises:
+        ValueError: No training image could be read.
     """
     param = next(backbone.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -97,11 +101,13 @@ def paper_linear_probe(
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, generator=gen)
     start, seen = time.perf_counter(), 0
+    unreadable: set[int] = set()
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for _ in tqdm(range(epochs), desc="paper linear", unit="epoch", disable=not progress, dynamic_ncols=True):
                 for images, index, ok in loader:
+                    unreadable.update(index[~ok].tolist())
                     if not ok.any():
                         continue
                     with torch.no_grad():
@@ -115,8 +121,17 @@ def paper_linear_probe(
     finally:
         backbone.train(was_training)
     elapsed = time.perf_counter() - start
+    if len(records) and len(unreadable) == len(records):
+        raise ValueError(f"none of the {len(records)} training images under {records.root} could be read")
+    if unreadable:
+        logger.warning(
+            "paper linear protocol: %d of %d training images could not be read; left out of the loss",
+            len(unreadable), len(records),
+        )  # fmt: skip
     logger.info("paper linear protocol: %d epochs in %.1f s (%.1f img/s)", epochs, elapsed, seen / max(elapsed, 1e-9))
-    return head.cpu().eval()
+    head = head.cpu().eval()
+    head.unreadable = sorted(unreadable)
+    return head
 
 
 def paper_probe(
@@ -160,6 +175,7 @@ def paper_probe(
     test_x = extract_features(backbone, test_records, size, feature_batch_size, workers, mode, progress)
     seconds_features = time.perf_counter() - start
     ok = valid_rows(test_x)
+    train_skipped = len(head.unreadable)
     value, evaluated, skipped_classes = evaluate_linear(head, test_x[ok], test_y[ok], task)
     return LinearResult(
         metric=metric_name(task),
@@ -171,9 +187,9 @@ def paper_probe(
         protocol="paper",
         backbone=os.fspath(spec),
         size=size,
-        train_images=len(train_records),
+        train_images=len(train_records) - train_skipped,
         test_images=int(ok.sum()),
-        images_skipped=int((~ok).sum()),
+        images_skipped=train_skipped + int((~ok).sum()),
         feature_dim=dim,
         lr=PAPER_LR,
         weight_decay=PAPER_WEIGHT_DECAY,

@@ -1,8 +1,10 @@
 """Linear probe: lr/wd selection on val only, the cached probe end to end, the paper protocol's frozen
 backbone and augmented batches, and the light front door ``objcrop.evaluate.linear``."""
 
+import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -246,3 +248,65 @@ def test_single_label_folder_dataset_reports_top1(tmp_path):
     )
     assert result.metric == "top1" and result.value == 100.0 and result.chance == 50.0
     assert (result.classes_evaluated, result.classes_skipped) == (2, 0)
+
+
+# ----------------------------------------------------------- unreadable images: counted, never hidden
+
+BAD_JPEG = b"\xff\xd8\xff\xe0 a truncated JPEG"
+
+
+def _with_unreadable(tmp_path):
+    """Red/blue folders read while whole, then 1 training and 2 test images overwritten with a broken JPEG
+    (a dataset whose files went bad after it was listed); the broken rows' indices per split."""
+    train = _colour_folders(tmp_path / "train", {"blue": [BLUE] * 6, "red": [RED] * 6}, noise=30)
+    test = _colour_folders(tmp_path / "test", {"blue": [BLUE] * 3, "red": [RED] * 3}, noise=30, seed=1)
+    bad = {"train": [7], "test": [0, 4]}
+    for split, records in (("train", train), ("test", test)):
+        for i in bad[split]:
+            Path(records.path(i)).write_bytes(BAD_JPEG)
+    return train, test, bad
+
+
+def test_cached_probe_counts_the_unreadable_images_of_both_splits_and_scores_without_them(tmp_path):
+    train, test, bad = _with_unreadable(tmp_path)
+    args = dict(task="single", size=SIZE, small_images=True, lrs=(0.1, 1.0), wds=(0.0,), epochs=5, progress=False)
+    result = linear_probe("random:resnet18", train, test, cache_dir=tmp_path / "cache", **args)
+    assert (result.train_images, result.test_images, result.images_skipped) == (11, 4, 3)
+    assert linear_probe("random:resnet18", train, test, cache_dir=tmp_path / "cache", **args).images_skipped == 3
+    # Left out, not scored as blank images: the same numbers as the probe of the readable images alone.
+    readable = {split: np.setdiff1d(np.arange(len(r)), bad[split]) for split, r in (("train", train), ("test", test))}
+    alone = linear_probe(
+        "random:resnet18",
+        train.subset(readable["train"]),
+        test.subset(readable["test"]),
+        cache_dir=tmp_path / "c2",
+        **args,
+    )
+    assert alone.images_skipped == 0 and (alone.train_images, alone.test_images) == (11, 4)
+    assert (result.value, result.val_value, result.lr) == (alone.value, alone.val_value, alone.lr)
+
+
+def test_paper_protocol_counts_unreadable_training_images_once_and_test_ones(tmp_path, caplog):
+    train, test, bad = _with_unreadable(tmp_path)
+    colour = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    run = dict(epochs=3, batch_size=4, progress=False)
+    with caplog.at_level(logging.WARNING, logger="objcrop.evaluate.paper_probe"):
+        head = paper_linear_probe(colour, train, labels_for_task(train, "single"), "single", SIZE, **run)
+    assert head.unreadable == bad["train"]  # read in each of the 3 epochs, counted once
+    assert "1 of 12 training images could not be read" in caplog.text
+
+    result = linear_probe(
+        "random:resnet18", train, test, task="single", size=SIZE, small_images=True, protocol="paper",
+        paper_epochs=2, batch_size=4, progress=False,
+    )  # fmt: skip
+    assert (result.train_images, result.test_images, result.images_skipped) == (11, 4, 3)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
+def test_paper_protocol_without_a_readable_training_image_is_an_error(tmp_path):
+    train = _colour_folders(tmp_path / "train", {"blue": [BLUE] * 2, "red": [RED] * 2})
+    for i in range(len(train)):
+        Path(train.path(i)).write_bytes(BAD_JPEG)
+    colour = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(ValueError, match="none of the 4 training images"):
+        paper_linear_probe(colour, train, labels_for_task(train, "single"), "single", SIZE, epochs=1, progress=False)
