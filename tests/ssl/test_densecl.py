@@ -6,8 +6,8 @@ import torchvision
 
 from objcrop.crops.policies import KIND_CODES
 from objcrop.ssl.backbones import build_backbone
-from objcrop.ssl.densecl import DenseCL
-from objcrop.ssl.losses import dense_correspondence
+from objcrop.ssl.densecl import DenseCL, DenseOutput
+from objcrop.ssl.losses import dense_correspondence, densecl_dense_loss, info_nce
 
 torch.set_num_threads(1)
 
@@ -124,3 +124,107 @@ def test_one_process_densecl_splits_the_key_batch_into_groups():
             torch.testing.assert_close(got[members], want)
     whole = model.key_encoder([views[1]], kinds[:, [1]])[0]
     assert not torch.allclose(out[0], whole[0], atol=1e-4)
+
+
+# ------------------------------------------------------------------ correspondence from the key's features
+
+# A constructed example: 2 samples, 4 locations. Key location j holds the backbone feature of query
+# location PERMS[i][j] (scaled: the match is by cosine), and the dense key grid at j is the one-hot of
+# that query location. The right match pairs every query location with a key-grid vector equal to its own
+# (cosine 1); matching query features with themselves pairs it with another one-hot (cosine 0).
+PERMS = torch.tensor([[2, 0, 3, 1], [1, 3, 0, 2]])  # no fixed point
+TEMPERATURE, QUEUED = 0.2, 3
+
+
+def _constructed_example() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    q_features = torch.randn(2, 5, 4, generator=g)
+    scales = torch.tensor([2.0, 0.5, 3.0, 1.5])
+    k_features = torch.stack([q_features[i][:, PERMS[i]] * scales for i in range(2)])
+    eye = torch.eye(4)
+    q_grid = eye.expand(2, 4, 4).clone()  # [N, C, S]: query location s is e_s
+    k_grid = torch.stack([eye[:, PERMS[i]] for i in range(2)])  # key location j is e_perm[j]
+    queue = torch.full((QUEUED, 4), 0.5)  # every q . negative = 0.5
+    return {"q_features": q_features, "k_features": k_features, "q_grid": q_grid, "k_grid": k_grid, "queue": queue}
+
+
+def _hand_dense_loss(positive: float) -> torch.Tensor:
+    """-log softmax of the positive among it and the QUEUED negatives of cosine 0.5, the same at every location."""
+    pos, neg = torch.tensor(positive / TEMPERATURE), torch.tensor(0.5 / TEMPERATURE)
+    return -(pos - torch.logsumexp(torch.stack([pos, *[neg] * QUEUED]), dim=0))
+
+
+def test_dense_loss_pairs_each_query_location_with_the_key_location_of_its_feature():
+    ex = _constructed_example()
+    match = dense_correspondence(ex["q_features"], ex["k_features"])
+    assert match.tolist() == [torch.argsort(p).tolist() for p in PERMS]  # [[1, 3, 0, 2], [2, 0, 3, 1]]
+    loss = densecl_dense_loss(ex["q_grid"], ex["k_grid"], ex["q_features"], ex["k_features"], ex["queue"], TEMPERATURE)
+    torch.testing.assert_close(loss, _hand_dense_loss(1.0))
+    # Matching by the query's own features (the identity) would pair orthogonal vectors: another loss.
+    wrong = densecl_dense_loss(ex["q_grid"], ex["k_grid"], ex["q_features"], ex["q_features"], ex["queue"], TEMPERATURE)
+    torch.testing.assert_close(wrong, _hand_dense_loss(0.0))
+    assert _hand_dense_loss(0.0) - _hand_dense_loss(1.0) > 3.0
+
+
+class _Fixed(torch.nn.Module):
+    """An encoder stub: returns the given DenseOutput whatever the views."""
+
+    def __init__(self, output: DenseOutput) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, views, kinds):
+        assert len(views) == 1
+        return [self.output]
+
+
+def test_forward_matches_by_the_key_encoders_backbone_features():
+    """DenseCL.forward on stub encoders with the constructed outputs: its dense loss is the hand-computed one."""
+    ex = _constructed_example()
+    model = _tiny_densecl(dim=4, queue_size=QUEUED, temperature=TEMPERATURE, shuffle_bn=False).eval()
+    model.dense_queue.keys.copy_(ex["queue"])
+    as_map = {"features": (2, 5, 2, 2), "grid": (2, 4, 2, 2)}  # S = 4 locations as a 2x2 map, row-major
+    embedding = torch.eye(4)[:2]
+    model.query_encoder = _Fixed(
+        DenseOutput(ex["q_features"].view(as_map["features"]), embedding, ex["q_grid"].view(as_map["grid"]))
+    )
+    model.key_encoder = _Fixed(
+        DenseOutput(ex["k_features"].view(as_map["features"]), embedding, ex["k_grid"].view(as_map["grid"]))
+    )
+    out = model({"views": [torch.zeros(2, 3, PX, PX)] * 2, "kinds": torch.tensor([[OBJ, DIL], [DIL, OBJ]])})
+    torch.testing.assert_close(out["loss_dense"], _hand_dense_loss(1.0))
+
+
+class _PermutedLocations(torch.nn.Module):
+    """A backbone whose C5 locations come out in another (fixed) order."""
+
+    def __init__(self, inner: torch.nn.Module, permutation: torch.Tensor) -> None:
+        super().__init__()
+        self.inner, self.permutation = inner, permutation
+
+    def forward(self, x):
+        features = self.inner(x)
+        return features.flatten(2)[:, :, self.permutation].view_as(features)
+
+
+def test_permuting_the_key_maps_locations_leaves_the_dense_loss_unchanged():
+    """Real networks: with the key view equal to the query view, shuffling where the key backbone puts each
+    location must not change the dense loss, since each query location is matched by feature to where its
+    feature went. Matching by the query's own features would pair it with another location's key."""
+    torch.manual_seed(0)
+    model = _tiny_densecl().eval()  # BatchNorm on running statistics: query and key encoder compute the same
+    x = torch.randn(4, 3, 32, 32)  # a 4x4 C5 map: 16 locations
+    batch = {"views": [x, x], "kinds": torch.tensor([[OBJ, DIL], [DIL, OBJ]]).repeat(2, 1)}
+    plain = model(batch)["loss_dense"]
+    # The key grid at the matched location equals the query grid: every positive logit is 1.
+    q = model.query_encoder([x], batch["kinds"][:, :1])[0]
+    rows = torch.nn.functional.normalize(q.grid, dim=1).flatten(2).transpose(1, 2).reshape(-1, DIM)
+    expected = info_nce(rows, rows, model.dense_queue.keys, model.temperature)
+    torch.testing.assert_close(plain, expected, rtol=1e-4, atol=1e-4)
+
+    permutation = torch.randperm(16, generator=torch.Generator().manual_seed(1))
+    model.key_encoder.backbone = _PermutedLocations(model.key_encoder.backbone, permutation)
+    permuted = model(batch)
+    torch.testing.assert_close(permuted["loss_dense"], plain, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(permuted["loss_global"], model(batch)["loss_global"])  # pooling ignores the order
+    assert permuted["loss_dense"] > 0  # a real loss, with a queue of random negatives
