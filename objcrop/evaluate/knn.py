@@ -130,13 +130,25 @@ def knn_evaluate(
 
 @dataclass
 class KNNProbeResult:
-    """Outcome of :func:`knn_probe`: one :class:`KNNResult` per ``k``, the first being the headline."""
+    """Outcome of :func:`knn_probe`: one :class:`KNNResult` per ``k``, the first being the headline, and the
+    images scored: ``train_images`` and ``test_images`` were read, ``images_skipped`` (of both splits) were
+    not and are left out."""
 
     results: list[KNNResult]
+    train_images: int = 0
+    test_images: int = 0
+    images_skipped: int = 0
 
     def to_dict(self) -> dict:
-        """The headline's fields, in the same shape as :meth:`LinearResult.to_dict`, plus ``results``."""
-        return {**self.results[0].to_dict(), "results": [r.to_dict() for r in self.results]}
+        """The headline's fields, in the same shape as :meth:`LinearResult.to_dict`, the image counts, and
+        ``results``."""
+        counts = {"train_images": self.train_images, "test_images": self.test_images}
+        return {
+            **self.results[0].to_dict(),
+            **counts,
+            "images_skipped": self.images_skipped,
+            "results": [r.to_dict() for r in self.results],
+        }
 
 
 def knn_probe(
@@ -210,7 +222,9 @@ def knn_probe(
         task=task,
         num_classes=train_records.num_classes,
     )
-    return KNNProbeResult(results)
+    train_ok, test_ok = int(valid_rows(train_x).sum()), int(valid_rows(test_x).sum())
+    skipped = len(train_x) - train_ok + len(test_x) - test_ok
+    return KNNProbeResult(results, train_images=train_ok, test_images=test_ok, images_skipped=skipped)
 
 
 class KNNMonitor:

@@ -1,6 +1,7 @@
 """Weighted kNN: exact weights, separable sets, multi-label mAP, the training-time monitor, the cached probe."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,3 +131,24 @@ def test_knn_probe_scores_the_cached_features_and_checks_the_classes(tmp_path):
         knn_probe("random:resnet18", train, other, **args)
     with pytest.raises(ValueError, match="at least one k"):
         knn_probe("random:resnet18", train, test, k=(), **args)
+
+
+def test_knn_probe_counts_the_unreadable_images_and_scores_without_them(tmp_path):
+    """Files that went bad after the dataset was listed: 1 of 8 training and 2 of 4 test images."""
+    train = _colour_folders(tmp_path / "train", {"blue": [BLUE] * 4, "red": [RED] * 4})
+    test = _colour_folders(tmp_path / "test", {"blue": [BLUE] * 2, "red": [RED] * 2})
+    bad = {"train": [5], "test": [0, 3]}
+    for split, records in (("train", train), ("test", test)):
+        for i in bad[split]:
+            Path(records.path(i)).write_bytes(b"\xff\xd8\xff\xe0 a truncated JPEG")
+    args = dict(task="single", k=(3,), size=8, small_images=True, progress=False)
+    result = knn_probe("random:resnet18", train, test, cache_dir=tmp_path / "cache", **args)
+    assert (result.train_images, result.test_images, result.images_skipped) == (7, 2, 3)
+    d = knn_probe("random:resnet18", train, test, cache_dir=tmp_path / "cache", **args).to_dict()  # cached
+    assert (d["train_images"], d["test_images"], d["images_skipped"]) == (7, 2, 3)
+    # Left out, not voting or scored as blank images: the probe of the readable images alone.
+    keep = {split: np.setdiff1d(np.arange(len(r)), bad[split]) for split, r in (("train", train), ("test", test))}
+    alone = knn_probe(
+        "random:resnet18", train.subset(keep["train"]), test.subset(keep["test"]), cache_dir=tmp_path / "c2", **args
+    )
+    assert alone.images_skipped == 0 and alone.results == result.results
