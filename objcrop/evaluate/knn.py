@@ -280,14 +280,17 @@ class KNNMonitor:
         """Evaluates ``backbone`` (run on its own device, its train/eval mode restored afterwards).
 
         Returns:
-            ``{"knn_<metric>@<k>": value}`` for each ``k``, e.g. ``{"knn_map@20": 31.2}``.
+            ``{"knn_<metric>@<k>": value}`` for each ``k``, e.g. ``{"knn_map@20": 31.2}``, and
+            ``knn_images_skipped``: the images of both subsets that could not be read (left out).
         """
         train = extract_features(backbone, self.train, self.size, self.batch_size, self.workers, progress=False)
         test = extract_features(backbone, self.test, self.size, self.batch_size, self.workers, progress=False)
         results = knn_evaluate(
             train, self.train_labels, test, self.test_labels, self.k, self.temperature, self.task, self.num_classes
         )
-        return {f"knn_{r.metric.lower()}@{r.k}": r.value for r in results if not math.isnan(r.value)}
+        values = {f"knn_{r.metric.lower()}@{r.k}": r.value for r in results if not math.isnan(r.value)}
+        skipped = int((~valid_rows(train)).sum() + (~valid_rows(test)).sum())
+        return {**values, "knn_images_skipped": float(skipped)}
 
 
 def _subset(records: Records, limit: int, rng: np.random.Generator) -> Records:

@@ -61,7 +61,7 @@ class KNNEpochMonitor(Monitor):
         self.knn = KNNMonitor(trainer.dataset.records, test, size=size, every_epochs=self.every_epochs)
 
     def on_epoch_end(self, trainer: Trainer) -> dict[str, float]:
-        """``{"knn_map@20": ...}`` every ``every_epochs`` epochs, ``{}`` in between."""
+        """``{"knn_map@20": ..., "knn_images_skipped": ...}`` every ``every_epochs`` epochs, ``{}`` in between."""
         if self.knn is None or trainer.epoch % self.every_epochs:
             return {}
         return self.knn(trainer.method.backbone)

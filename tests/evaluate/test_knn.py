@@ -89,7 +89,7 @@ def test_monitor_scores_100_when_the_colour_is_the_class_and_chance_when_it_is_n
     monitor = KNNMonitor(train, test, size=8, task="single", k=(3, 12), max_train=10, max_test=4, batch_size=4)
     assert len(monitor.train) == 10 and len(monitor.test) == 4  # seeded subsets
     net = _mean_colour().train()
-    assert monitor(net) == {"knn_top1@3": 100.0, "knn_top1@12": 100.0} and net.training
+    assert monitor(net) == {"knn_top1@3": 100.0, "knn_top1@12": 100.0, "knn_images_skipped": 0.0} and net.training
 
     # Each class holds both colours equally: a test image's same-colour neighbours split their vote
     # evenly, the tie goes to the first class, so exactly the test images of that class are right.
@@ -97,7 +97,16 @@ def test_monitor_scores_100_when_the_colour_is_the_class_and_chance_when_it_is_n
     train = _colour_folders(tmp_path / "mixed_train", mixed)
     test = _colour_folders(tmp_path / "mixed_test", {"a": [RED, BLUE], "b": [BLUE, RED]})
     monitor = KNNMonitor(train, test, size=8, task="single", k=(12,), batch_size=4)
-    assert monitor(net) == {"knn_top1@12": 50.0}
+    assert monitor(net) == {"knn_top1@12": 50.0, "knn_images_skipped": 0.0}
+
+    # Files gone bad after listing (a blue training image, a red test image) are left out and counted. Kept
+    # as blank rows, the red one would be equally close to all 12 training images and go to the majority, blue.
+    train = _colour_folders(tmp_path / "bad_train", {"blue": [BLUE] * 7, "red": [RED] * 5})
+    test = _colour_folders(tmp_path / "bad_test", {"blue": [BLUE] * 3, "red": [RED] * 3})
+    Path(train.path(0)).write_bytes(b"\xff\xd8\xff\xe0 a truncated JPEG")
+    Path(test.path(4)).write_bytes(b"\xff\xd8\xff\xe0 a truncated JPEG")
+    monitor = KNNMonitor(train, test, size=8, task="single", k=(12,), batch_size=4)
+    assert monitor(net) == {"knn_top1@12": 100.0, "knn_images_skipped": 2.0}
 
 
 def test_knn_probe_scores_the_cached_features_and_checks_the_classes(tmp_path):
