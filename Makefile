@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean mutate
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check objcrop tests benchmarks
 	$(BIN)/ruff format --check objcrop tests benchmarks
+
+# Mutation testing of the core modules, one module at a time against its own tests (docs/testing.md); slow, not in
+# `make test`. MODULES="boxes metrics" runs some, MUTATE_ARGS=--no-ssl all but the ssl ones.
+$(VENV)/.mutate-installed: $(STAMP)
+	$(BIN)/pip install -e '.[mutate]'
+	touch $@
+
+mutate: $(VENV)/.mutate-installed
+	$(BIN)/python tools/mutate.py $(MUTATE_ARGS) $(MODULES)
 
 clean:
 	rm -rf $(VENV) demo_report build *.egg-info

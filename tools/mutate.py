@@ -1,0 +1,222 @@
+"""Mutation testing of objcrop's core modules, one module at a time, each against its own test files.
+
+``make mutate`` runs this script. For each module it builds a scratch project under ``.mutmut/<name>/``
+(symlinks to the checkout's files and a ``pyproject.toml`` whose ``[tool.mutmut]`` is the checkout's with
+``only_mutate`` and the test selection narrowed to that module), runs ``mutmut run`` there, and writes
+``.mutmut/<name>/summary.json`` plus one line per module on stdout. The checkout itself is never touched:
+mutmut's working copy is ``.mutmut/<name>/mutants/`` (git-ignored).
+
+Equivalent mutants (a mutation no test can tell apart from the original) are listed in :data:`EQUIVALENT`
+with the reason; they are reported apart and left out of the killed rate. Docstrings are never mutated
+(mutmut skips triple-quoted strings); log calls are skipped by ``do_not_mutate_patterns`` in pyproject.toml.
+
+Usage::
+
+    python tools/mutate.py                  # every module, the ssl ones last
+    python tools/mutate.py --no-ssl         # the non-ssl modules
+    python tools/mutate.py boxes coverage   # named modules
+    python tools/mutate.py --keep boxes     # reuse .mutmut/boxes (mutmut re-tests only what changed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / ".mutmut"
+
+# name -> (the module mutated, the test files that run against it)
+MODULES: dict[str, tuple[str, list[str]]] = {
+    "boxes": ("objcrop/boxes.py", ["tests/test_boxes.py"]),
+    "policies": ("objcrop/crops/policies.py", ["tests/crops/test_policies.py"]),
+    "coverage": ("objcrop/analysis/coverage.py", ["tests/analysis/test_coverage.py"]),
+    "metrics": ("objcrop/evaluate/metrics.py", ["tests/evaluate/test_metrics.py"]),
+    "losses": ("objcrop/ssl/losses.py", ["tests/ssl/test_losses.py"]),
+    "moco": ("objcrop/ssl/moco.py", ["tests/ssl/test_moco.py"]),
+    "byol": ("objcrop/ssl/byol.py", ["tests/ssl/test_byol.py"]),
+    "densecl": ("objcrop/ssl/densecl.py", ["tests/ssl/test_densecl.py"]),
+    # heads.py has no test file of its own: the method tests build every head it has.
+    "heads": (
+        "objcrop/ssl/heads.py",
+        ["tests/ssl/test_moco.py", "tests/ssl/test_byol.py", "tests/ssl/test_densecl.py", "tests/ssl/test_base.py"],
+    ),
+}
+SSL = ("losses", "moco", "byol", "densecl", "heads")
+
+# Mutant name -> why no test can kill it. Left out of the killed rate, reported by name.
+_ULP = "float64 instead of float32 for an intermediate: the float32 result differs by rounding (<= 1 ulp) at most"
+_DROPPED = "the value written into non-finite rows, which `finite` drops from the result anyway"
+_DIVIDE = "union == 0 implies inter == 0 (inter <= each area), so the only division by zero is 0/0, an 'invalid'"
+EQUIVALENT: dict[str, str] = {
+    "objcrop.boxes.x_iou__mutmut_35": _DIVIDE,
+    "objcrop.boxes.x_iou__mutmut_37": _DIVIDE,
+    "objcrop.boxes.x_dilate__mutmut_9": _ULP,
+    "objcrop.boxes.x_dilate__mutmut_11": _ULP,
+    "objcrop.boxes.x_shift__mutmut_25": _ULP,
+    "objcrop.boxes.x_sanitize__mutmut_17": _DROPPED,
+    "objcrop.boxes.x_sanitize__mutmut_21": _DROPPED,
+}
+
+# mutmut's exit codes (mutmut.stats.status_by_exit_code), grouped the way docs/testing.md reports them.
+KILLED = {"killed"}
+SURVIVED = {"survived"}
+TIMEOUT = {"timeout", "suspicious", "segfault"}
+NO_TESTS = {"no tests", "skipped", "not checked", "check was interrupted by user", "caught by type check"}
+
+# Top-level entries of the checkout the scratch project links to (tests read some of them next to themselves).
+LINKED = ("objcrop", "tests", "benchmarks", "configs", "docs", "README.md")
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def _toml(tables: dict[str, dict]) -> str:
+    out = []
+    for name, table in tables.items():
+        out.append(f"[{name}]")
+        out.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
+        out.append("")
+    return "\n".join(out)
+
+
+def prepare(name: str, keep: bool) -> Path:
+    """The scratch project of one module, ``.mutmut/<name>/``, fresh unless ``keep``."""
+    module, tests = MODULES[name]
+    work = WORK / name
+    if work.exists() and not keep:
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    for entry in LINKED:
+        link = work / entry
+        if (ROOT / entry).exists() and not link.exists():
+            link.symlink_to(ROOT / entry)
+    # tests find ../shared/data next to the project root: the scratch project's root is mutants/'s parent.
+    shared = ROOT.parent / "shared"
+    if shared.exists() and not (work / "shared").exists():
+        (work / "shared").symlink_to(shared)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    mutmut = dict(project["tool"]["mutmut"])
+    mutmut["only_mutate"] = [module]
+    mutmut["pytest_add_cli_args_test_selection"] = list(tests)
+    pytest_ini = project["tool"]["pytest"]["ini_options"]
+    (work / "pyproject.toml").write_text(_toml({"tool.mutmut": mutmut, "tool.pytest.ini_options": pytest_ini}))
+    return work
+
+
+def _mutmut(work: Path, *args: str, log=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", NUMBA_NUM_THREADS="1", PYTHONHASHSEED="0")
+    exe = Path(sys.executable).with_name("mutmut")
+    return subprocess.run(
+        [str(exe), *args], cwd=work, env=env, stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def results(work: Path) -> dict[str, str]:
+    """Mutant name -> status, from mutmut's metadata in ``work/mutants``."""
+    statuses = {}
+    for meta in (work / "mutants").rglob("*.py.meta"):
+        data = json.loads(meta.read_text())
+        for key, code in data.get("exit_code_by_key", {}).items():
+            statuses[key] = _status(code)
+    return statuses
+
+
+def _status(code) -> str:
+    from mutmut.stats import status_by_exit_code
+
+    return status_by_exit_code[code]
+
+
+def summarize(name: str, statuses: dict[str, str], seconds: float) -> dict:
+    """Counts and killed rate of one module; equivalent mutants are counted apart."""
+    equivalent = sorted(k for k in statuses if k in EQUIVALENT)
+    counted = {k: s for k, s in statuses.items() if k not in EQUIVALENT}
+    killed = sum(s in KILLED for s in counted.values())
+    survived = sorted(k for k, s in counted.items() if s in SURVIVED)
+    timeout = sorted(k for k, s in counted.items() if s in TIMEOUT)
+    no_tests = sorted(k for k, s in counted.items() if s in NO_TESTS)
+    # A timeout is a mutant the tests stopped (an endless loop), so it counts as detected, as mutmut's own score does.
+    detected = killed + len(timeout)
+    return {
+        "module": MODULES[name][0],
+        "tests": MODULES[name][1],
+        "mutants": len(statuses),
+        "equivalent": equivalent,
+        "counted": len(counted),
+        "killed": killed,
+        "timeout_or_suspicious": timeout,
+        "survived": survived,
+        "no_tests": no_tests,
+        "rate": round(100.0 * detected / len(counted), 1) if counted else None,
+        "seconds": round(seconds),
+    }
+
+
+def run_module(name: str, keep: bool, jobs: int) -> dict:
+    """Run mutmut on one module; its log is ``.mutmut/<name>/run.log``."""
+    work = prepare(name, keep)
+    start = time.monotonic()
+    with open(work / "run.log", "w") as log:
+        proc = _mutmut(work, "run", "--max-children", str(jobs), log=log)
+    summary = summarize(name, results(work), time.monotonic() - start)
+    summary["exit_code"] = proc.returncode
+    summary["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    summary["commit"] = head.stdout.strip()
+    from importlib.metadata import version
+
+    summary["mutmut"] = version("mutmut")
+    (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the named modules (default: all of them) and print one summary line each."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", help=f"modules to run, of {', '.join(MODULES)} (default: all)")
+    parser.add_argument("--no-ssl", action="store_true", help="leave out the ssl modules")
+    parser.add_argument("--keep", action="store_true", help="reuse .mutmut/<name> instead of starting fresh")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once (default 2)")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.modules if n not in MODULES]
+    if unknown:
+        parser.error(f"unknown modules {unknown}; known: {', '.join(MODULES)}")
+    names = args.modules or [n for n in MODULES if not (args.no_ssl and n in SSL)]
+    failed = False
+    for name in names:
+        s = run_module(name, args.keep, args.jobs)
+        print(
+            f"{name:9s} {s['module']:32s} mutants {s['mutants']:4d}  equivalent {len(s['equivalent']):3d}  "
+            f"killed {s['killed']:4d}  survived {len(s['survived']):3d}  timeout/suspicious "
+            f"{len(s['timeout_or_suspicious']):3d}  no tests {len(s['no_tests']):3d}  rate {s['rate']}%  "
+            f"({s['seconds']} s, mutmut exit {s['exit_code']})",
+            flush=True,
+        )
+        for key in s["survived"]:
+            print(f"    survived: {key}")
+        failed |= s["exit_code"] != 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
