@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from objcrop.crops.policies import KIND_CODES
+from objcrop.ssl.densecl import DenseCL
 from objcrop.ssl.distributed import batch_shuffle, batch_unshuffle, concat_all_gather, split_bn_forward
 from objcrop.ssl.heads import KindRoutedHead, MLPHead, views_and_kinds
 from objcrop.ssl.moco import KeyQueue, MoCoV2
@@ -258,6 +259,10 @@ def _distributed_worker(rank: int, world: int, init_file: str) -> None:
         shuffled_keys = model.encode_keys(views, kinds)
         plain = nn.functional.normalize(model.key_encoder(views, kinds)[0], dim=1)
         torch.testing.assert_close(shuffled_keys[0], plain)
+        # Train mode: each key is normalised with the statistics of the sub-batch it was dealt to.
+        model.key_encoder.train()
+        for method, key_views, key_kinds in ((model, [views[1]], kinds[:, [1]]), *_densecl_keys_case(rank)):
+            _check_keys_use_their_shuffled_sub_batch(method, key_views, key_kinds, rank, world)
 
         model.train()
         model(batch)
@@ -284,6 +289,47 @@ def _distributed_worker(rank: int, world: int, init_file: str) -> None:
         torch.testing.assert_close(mean, expected.detach(), rtol=1e-4, atol=1e-5)
     finally:
         dist.destroy_process_group()
+
+
+def _densecl_keys_case(rank: int) -> list:
+    """A tiny DenseCL (same weights on every rank) in train mode, and this rank's key views and kinds."""
+    torch.manual_seed(0)
+    model = DenseCL("resnet18", dim=DIM, hidden_dim=32, queue_size=QUEUE, small_images=True).train()
+    g = torch.Generator().manual_seed(100 + rank)
+    return [(model, [torch.randn(BATCH, 3, 16, 16, generator=g)], torch.full((BATCH, 1), SCENE))]
+
+
+def _first_tensor(output) -> torch.Tensor:
+    """MoCo's key embedding, or the DenseCL output's first field (its backbone map)."""
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def _check_keys_use_their_shuffled_sub_batch(model, views: list, kinds: torch.Tensor, rank: int, world: int) -> None:
+    """``model.encode_keys`` on this rank equals the key encoder run on the sub-batch of the global batch
+    that the shuffle dealt each sample to (rank 0's permutation), and differs from this rank's own batch."""
+    torch.manual_seed(11)  # the same draw on every rank; rank 0's is broadcast
+    keys = model.encode_keys(views, kinds)
+    torch.manual_seed(11)
+    permutation = torch.randperm(world * BATCH)
+    all_views, all_kinds = [concat_all_gather(v) for v in views], concat_all_gather(kinds)
+    expected = [None] * len(views)
+    for r in range(world):
+        members = permutation.view(world, -1)[r]
+        outputs = model.key_encoder([v[members] for v in all_views], all_kinds[members])
+        for i, out in enumerate(outputs):
+            full = (
+                expected[i] if expected[i] is not None else torch.zeros((world * BATCH, *_first_tensor(out).shape[1:]))
+            )
+            full[members] = _first_tensor(out)
+            expected[i] = full
+    mine = slice(rank * BATCH, (rank + 1) * BATCH)
+    own = model.key_encoder(views, kinds)
+    for got, want, alone in zip(keys, expected, own, strict=True):
+        got, want, alone = _first_tensor(got), want[mine], _first_tensor(alone)
+        if isinstance(model, MoCoV2):
+            want, alone = nn.functional.normalize(want, dim=1), nn.functional.normalize(alone, dim=1)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(got, alone, atol=1e-3)  # not the statistics of this rank's own batch
 
 
 def test_shuffle_bn_and_queue_across_two_gloo_processes(tmp_path):
