@@ -18,6 +18,7 @@ Scores are pycocotools' box AP and AP50 (x 100) on the test split. One seed per 
 whether the pipeline learns and the order of the starts in this run, not an interval.
 
     python benchmarks/bench_detect.py --out bench_detect        # about 30 min on 2 idle cores
+    python benchmarks/bench_detect.py --out bench_detect --json benchmarks/results/detect-synth.json
     python benchmarks/bench_detect.py --out bench_detect \
         --checkpoints scene-scene=Q/runs-synth/scene-scene-seed0/checkpoints/ckpt-00000320.pt \
                       obj-obj-dilate=Q/runs-synth/obj-obj-dilate-seed0/checkpoints/ckpt-00000320.pt
@@ -182,6 +183,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="processes for scenes and proposals")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check every step runs")
+    parser.add_argument("--json", metavar="FILE", help="also write a result file (benchmarks/results/)")
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.scene_size, args.iters, args.batch_size = 24, 64, 3, 4
@@ -237,6 +239,14 @@ def main(argv: list[str] | None = None) -> dict:
         "minutes": round((time.perf_counter() - started) / 60, 2),
     }
     write_json_atomic(out / "detect.json", summary, indent=1)
+    if args.json:
+        from objcrop.commands.analyze_results import write_result
+
+        settings = {k: v for k, v in vars(args).items() if k not in ("out", "json", "checkpoints")}
+        settings |= {"train_images": len(train), "test_images": len(test), "checkpoints": dict(args.checkpoints)}
+        keep = (*SHOWN, "final_loss", "train_iters", "seconds")
+        results = {start: {k: row.get(k) for k in keep} for start, row in rows.items()}
+        write_result(args.json, "detect", {"settings": settings, "results": results, "minutes": summary["minutes"]})
     write_text_atomic(out / "detect.md", report + "\n")
     print(report, flush=True)
     _say(f"done in {summary['minutes']:.1f} min; wrote {out / 'detect.md'}")

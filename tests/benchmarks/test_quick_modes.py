@@ -45,8 +45,16 @@ def test_bench_detect_quick_runs_three_starts_and_resumes(bench, tmp_path, capsy
     assert all(f"| {start} |" in report for start in bench_detect.STARTS)
     assert "Measured order by AP50: " in report
 
-    again = bench_detect.main(["--quick", "--threads", "1", "--out", str(out)])  # finished runs are reused
-    for start, row in rows.items():
+    result_file = tmp_path / "detect-synth.json"  # the README's result file, rendered by results_tables
+    again = bench_detect.main(["--quick", "--threads", "1", "--out", str(out), "--json", str(result_file)])
+    result = json.loads(result_file.read_text())
+    assert result["kind"] == "detect" and result["settings"]["iters"] == 3 and result["commit"]
+    assert {s: {k: r[k] for k in bench_detect.SHOWN} for s, r in result["results"].items()} == {
+        s: {k: r[k] for k in bench_detect.SHOWN} for s, r in rows.items()
+    }
+    rendered = bench("results_tables").RENDERERS["detect"](result)
+    assert all(f"| {start} |" in rendered for start in bench_detect.STARTS)
+    for start, row in rows.items():  # finished runs are reused
         assert again["results"][start]["weights"] == row["weights"]
         assert {k: again["results"][start][k] for k in bench_detect.SHOWN} == {k: row[k] for k in bench_detect.SHOWN}
     capsys.readouterr()
