@@ -68,7 +68,7 @@ def machine() -> str:
 def versions() -> dict[str, str]:
     """Versions of the libraries a result may depend on (read from metadata, nothing is imported)."""
     found = {"python": platform.python_version()}
-    for name in ("objcrop", "torch", "torchvision", "numpy", "opencv-contrib-python", "opencv-python"):
+    for name in ("objcrop", "torch", "torchvision", "numpy", "opencv-contrib-python-headless", "opencv-contrib-python"):
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
