@@ -66,15 +66,47 @@ def test_no_detection_gives_zero_and_minus_one_without_objects_of_a_size():
     assert metrics == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "APs": -1.0, "APm": 0.0, "APl": -1.0}
 
 
-def test_shifted_and_wrong_class_detections_lower_the_ap():
+# COCO's AP of a class whose detections find half its objects, all ranked above any false positive: precision 1
+# at the 51 recall points 0, 0.01, ..., 0.5 of the 101, and 0 beyond.
+HALF_FOUND = 51 / 101
+
+
+def test_shifted_and_wrong_class_detections_give_the_hand_computed_ap():
     records = _records(BOXES, LABELS)
     dets = _as_detections(records)
-    dets.boxes[0] += np.float32(8)  # small box moved by 8 px: IoU well below 0.5
-    dets.labels[1] = 0  # medium box given the wrong class
+    dets.boxes[0] += np.float32(8)  # small cat moved by 8 px: IoU 84 / 516 = 0.16, a miss at every threshold
+    dets.labels[1] = 0  # medium dog called a cat: another false cat, and the medium dog is missed
     metrics = coco_evaluate(ground_truth_from_records(records), dets)
-    assert 0.0 < metrics["AP"] < 1.0
-    assert metrics["APs"] == 0.0
-    assert metrics["APl"] == pytest.approx(1.0)
+    # cat: AP 0; dog: the large one of its two found, AP HALF_FOUND; the mean over the two classes.
+    # Per size only the classes with an object of that size count: small: the cat (0); medium: the dog, whose
+    # only detection matches the large dog (ignored at this size), so 0; large: the dog, found (1).
+    ap = HALF_FOUND / 2
+    assert metrics == pytest.approx({"AP": ap, "AP50": ap, "AP75": ap, "APs": 0.0, "APm": 0.0, "APl": 1.0})
+
+
+def test_a_box_found_at_iou_062_counts_at_thresholds_050_to_060_only():
+    records = _records(BOXES, LABELS)
+    dets = _as_detections(records)
+    dets.boxes[2] += np.float32([70, 0, 70, 0])  # the large dog moved 70 px right: IoU 230 / 370 = 0.62
+    dets.scores[2] = 0.8  # ranked below the medium dog (no tie for the ranking to break)
+    metrics = coco_evaluate(ground_truth_from_records(records), dets)
+    # AP averages the thresholds 0.50, 0.55, ..., 0.95: the large dog is a hit at 3 of the 10 (dog AP 1), a
+    # false positive after the found medium dog at the other 7 (dog AP HALF_FOUND). The cat is always found.
+    dog = (3 * 1.0 + 7 * HALF_FOUND) / 10
+    expected = {"AP": (1.0 + dog) / 2, "AP50": 1.0, "AP75": (1.0 + HALF_FOUND) / 2, "APs": 1.0, "APm": 1.0}
+    assert metrics == pytest.approx({**expected, "APl": 0.3})
+
+
+def test_a_false_positive_lowers_the_ap_of_its_own_size_only():
+    records = _records([[[50, 60, 120, 140]]], [[1]])  # one medium dog (70 x 80)
+    dets = Detections(
+        np.array([10, 10]),
+        np.array([[50, 60, 120, 140], [200, 100, 290, 190]], np.float32),  # the dog; a 90 x 90 box (medium)
+        np.array([0.8, 0.9], np.float32),  # the false positive ranked first: precision 1/2 at recall 1
+        np.array([1, 1]),
+    )
+    metrics = coco_evaluate(ground_truth_from_records(records), dets)
+    assert metrics == pytest.approx({"AP": 0.5, "AP50": 0.5, "AP75": 0.5, "APs": -1.0, "APm": 0.5, "APl": -1.0})
 
 
 def test_test_classes_are_matched_by_name_and_unknown_ones_rejected():
@@ -106,8 +138,10 @@ def test_original_json_ignores_crowd_and_maps_sparse_category_ids(tmp_path):
     )
     gt = ground_truth_from_json(path, records.class_names)
     assert coco_evaluate(gt, Detections.concatenate([dets, crowd_hit]))["AP"] == pytest.approx(1.0)
-    # Scored against the boxes as read, the crowd region is gone and that detection is a false positive.
-    assert coco_evaluate(ground_truth_from_records(records), Detections.concatenate([dets, crowd_hit]))["AP"] < 1.0
+    # Scored against the boxes as read, the crowd region is gone and that detection is a false cat ranked above
+    # the cat (IoU 0.12 with it): cat AP 1/2, dog AP 1.
+    as_read = coco_evaluate(ground_truth_from_records(records), Detections.concatenate([dets, crowd_hit]))
+    assert as_read["AP"] == pytest.approx(0.75)
 
 
 def test_detection_on_an_unknown_image_is_an_error():
