@@ -55,11 +55,104 @@ def test_update_target_is_an_ema_with_the_scheduled_tau():
         torch.testing.assert_close(new, old, rtol=0, atol=0)  # tau = 1 freezes the target
 
 
+def _rotation(angle: float) -> torch.Tensor:
+    return torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+
+
+def _at(angles: list[float], radius: float = 1.0) -> torch.Tensor:
+    """Rows ``radius * (cos a, sin a)``."""
+    return radius * torch.tensor([[math.cos(a), math.sin(a)] for a in angles])
+
+
+class _Rotate(torch.nn.Module):
+    """A stand-in online/target network on 2-d "views": each view rotated by a fixed angle."""
+
+    def __init__(self, angle: float) -> None:
+        super().__init__()
+        self.register_buffer("matrix", _rotation(angle))
+
+    def forward(self, views, kinds):
+        return [v @ self.matrix.t() for v in views]
+
+
+def test_loss_is_2_minus_2_cos_by_hand_for_known_vectors_paired_across_views():
+    """Stand-in networks make every vector known: online = identity, predictor = rotation by alpha, target =
+    rotation by beta, views at angles a1, a2 (norms differ: the cosine ignores them). Prediction of view 1
+    against target of view 2 and vice versa, averaged over the batch:
+    (2 - 2 cos(a1 + alpha - a2 - beta)) + (2 - 2 cos(a2 + alpha - a1 - beta))."""
+    alpha, beta = 0.7, -0.4
+    a1, a2 = [0.3, 2.0, -1.0], [1.9, 2.5, 0.6]
+    model = _tiny_byol(proj_dim=2)
+    model.online, model.target = _Rotate(0.0), _Rotate(beta)
+    model.predictor = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.predictor.weight.copy_(_rotation(alpha))
+    v1, v2 = _at(a1, radius=2.0), _at(a2, radius=0.5)
+    out = model({"views": [v1, v2], "kinds": torch.full((3, 2), SCENE)})
+
+    def by_hand(first: list[float], second: list[float], rotate_p: float, rotate_t: float) -> float:
+        terms = [2 - 2 * math.cos(x + rotate_p - y - rotate_t) for x, y in zip(first, second, strict=True)]
+        return sum(terms) / len(terms)
+
+    expected = by_hand(a1, a2, alpha, beta) + by_hand(a2, a1, alpha, beta)
+    assert out["loss"].item() == pytest.approx(expected, abs=1e-5)
+    assert out["cos_sim"].item() == pytest.approx(1 - expected / 4, abs=1e-5)
+    swapped = model({"views": [v2, v1], "kinds": torch.full((3, 2), SCENE)})
+    assert swapped["loss"].item() == pytest.approx(expected, abs=1e-5)  # symmetric in the views
+    # What a wrong loss would give here, each well apart from the right one.
+    for wrong in (
+        by_hand(a1, a1, alpha, beta) + by_hand(a2, a2, alpha, beta),  # prediction against its own view's target
+        by_hand(a1, a2, alpha, 0.0) + by_hand(a2, a1, alpha, 0.0),  # the online network as target
+        by_hand(a1, a2, 0.0, beta) + by_hand(a2, a1, 0.0, beta),  # no predictor
+        by_hand(a1, a2, alpha, beta + alpha) + by_hand(a2, a1, alpha, beta + alpha),  # predictor on the target too
+        by_hand(a1, a2, alpha, beta),  # one direction only
+    ):
+        assert abs(wrong - expected) > 0.1
+
+
+def _mean_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the cosine, written out: (a / |a|) . (b / |b|)."""
+    return ((a / a.norm(dim=1, keepdim=True)) * (b / b.norm(dim=1, keepdim=True))).sum(dim=1).mean()
+
+
+def test_real_networks_loss_uses_the_online_predictions_and_the_ema_targets_projections():
+    """With the real networks: the loss is 2 - 2 cos of predictor(online(view)) and target(other view), summed
+    over both directions, with the target the EMA network (not the online one), computed here by hand."""
+    torch.manual_seed(0)
+    model = _tiny_byol(base_tau=0.5)
+    batch = _batch()
+    # A few steps: predictions and targets become correlated, and the EMA target is neither the initial
+    # copy nor the online network.
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    for step in range(3):
+        opt.zero_grad()
+        model(batch)["loss"].backward()
+        opt.step()
+        model.after_optimizer_step(step, 10)
+    model.eval()  # BatchNorm on running statistics: each sample's outputs depend on it alone
+    out = model(batch)
+    (v1, v2), kinds = batch["views"], batch["kinds"]
+    with torch.no_grad():
+        z1, z2 = (model.online([v], kinds[:, [i]])[0] for i, v in enumerate((v1, v2)))
+        p1, p2 = model.predictor(z1), model.predictor(z2)
+        t1, t2 = (model.target([v], kinds[:, [i]])[0] for i, v in enumerate((v1, v2)))
+    cos = (_mean_cos(p1, t2) + _mean_cos(p2, t1)) / 2
+    torch.testing.assert_close(out["loss"].detach(), 4 - 4 * cos)  # (2 - 2 cos_12) + (2 - 2 cos_21)
+    torch.testing.assert_close(out["cos_sim"], cos)
+    # The same formula with the online network as target, without the predictor, or with the predictor on
+    # the target branch too, differs.
+    for other in (
+        (_mean_cos(p1, z2) + _mean_cos(p2, z1)) / 2,
+        (_mean_cos(z1, t2) + _mean_cos(z2, t1)) / 2,
+        (_mean_cos(p1, model.predictor(t2)) + _mean_cos(p2, model.predictor(t1))) / 2,
+    ):
+        assert abs(other.item() - cos.item()) > 0.02, (other, cos)
+
+
 def test_gradients_reach_online_and_predictor_only():
     model = _tiny_byol()
     out = model(_batch())
     assert set(out) == {"loss", "cos_sim"}
-    assert 0.0 <= out["loss"].item() <= 8.0
     out["loss"].backward()
     assert all(p.grad is None and not p.requires_grad for p in model.target.parameters())
     assert all(p.grad is not None for p in model.predictor.parameters())
