@@ -4,7 +4,8 @@ The method (MoCo-v2, BYOL, DenseCL) owns its networks and its loss; the trainer 
 devices, precision, the optimizer and schedule, checkpoints, resumption and logging.
 
 Exact resumption: a checkpoint holds the model (with the key/target encoder and the queues, which
-are module state), optimizer, scheduler, grad scaler, the RNG states of every rank, the epoch and
+are module state), optimizer, scheduler, grad scaler, the precision ``auto`` chose (kept by a resumed
+run), the RNG states of every rank, the epoch and
 the number of batches already consumed in that epoch. The sampler order and every sample's
 augmentation depend only on (seed, epoch, index), so a resumed run sees exactly the batches the
 uninterrupted run would have seen.
@@ -84,6 +85,9 @@ def _resolve_precision(precision: str, device: torch.device) -> torch.dtype | No
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+_PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def _cpu_has_bf16() -> bool:
@@ -323,6 +327,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "precision": _PRECISION_NAMES[self.dtype],  # what train.precision resolved to (auto: kept on resume)
             "rng": gathered,
             "step": self.step,
             "epoch": self.epoch,
@@ -346,6 +351,7 @@ class Trainer:
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._keep_auto_precision(state.get("precision"))
         if state["scaler"]:  # empty when saved by a disabled scaler (the precision may have changed since)
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"][self.env.rank])
@@ -356,6 +362,22 @@ class Trainer:
         self.replaced_elsewhere = int(state.get("replaced_elsewhere", 0))
         self.fallbacks = int(state["fallbacks"])
         self.last_loss = float(state.get("loss", float("nan")))
+
+    def _keep_auto_precision(self, saved: str | None) -> None:
+        """With ``train.precision: auto``, a resumed run keeps the precision the checkpoint's run chose (a
+        machine that would choose another would make the resumed run differ), unless it cannot run here
+        (fp16 without a GPU)."""
+        current = _PRECISION_NAMES[self.dtype]
+        if saved is None or self.config["train"]["precision"] != "auto" or saved == current:
+            return
+        if saved == "fp16" and self.env.device.type != "cuda":
+            logger.warning("train.precision auto: the checkpoint's run used fp16, which needs a GPU; using %s", current)
+            return
+        logger.warning(
+            "train.precision auto: keeping the checkpoint's %s (this machine would choose %s)", saved, current
+        )
+        self.dtype = {name: dtype for dtype, name in _PRECISION_NAMES.items()}[saved]
+        self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.dtype == torch.float16)
 
     def save_checkpoint(self) -> Path | None:
         """Writes a checkpoint (rank 0) unless a weight or buffer went NaN/inf; collective under DDP.

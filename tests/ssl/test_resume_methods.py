@@ -37,7 +37,7 @@ def _final(out: Path) -> dict:
     return load_checkpoint(sorted((out / "checkpoints").glob("ckpt-*.pt"))[-1])
 
 
-def _interrupted_then_resumed(config: dict, monkeypatch) -> None:
+def _interrupted_then_resumed(config: dict, monkeypatch, before_resume=None) -> None:
     step = Trainer.train_step
 
     def interrupt(self, batch):
@@ -49,8 +49,11 @@ def _interrupted_then_resumed(config: dict, monkeypatch) -> None:
     with pytest.raises(KeyboardInterrupt):
         pretrain(config)
     monkeypatch.setattr(Trainer, "train_step", step)
+    if before_resume is not None:
+        before_resume()
     result = pretrain(config)
-    assert Path(result.resumed_from).name == f"ckpt-{INTERRUPT_AT:08d}.pt" and result.steps == STEPS
+    assert Path(result.resumed_from).name == f"ckpt-{INTERRUPT_AT:08d}.pt"
+    assert result.steps == config["optim"]["max_steps"]
 
 
 def _assert_same(a: dict, b: dict) -> None:
@@ -97,4 +100,40 @@ def test_grad_scaler_state_is_saved_and_restored(tiny_scenes, tmp_path, monkeypa
     resumed, uninterrupted = _final(run), _final(reference)
     assert resumed["scaler"] == uninterrupted["scaler"]
     _assert_same(resumed["model"], uninterrupted["model"])
+    assert _losses(run) == _losses(reference)
+
+
+@pytest.mark.slow  # bf16 autocast on a CPU without native bf16: ~25 s
+def test_precision_auto_keeps_the_checkpoints_choice(tiny_scenes, tmp_path, monkeypatch, caplog):
+    """``auto`` chose bf16 (a CPU that reports native bf16); the run is resumed where ``auto`` would choose fp32:
+    the resumed run keeps bf16 and ends as the uninterrupted bf16 run."""
+    import objcrop.ssl.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "_cpu_has_bf16", lambda: True)
+    if trainer_module._resolve_precision("auto", torch.device("cpu")) != torch.bfloat16:
+        pytest.skip("torch has no mkldnn: auto never picks bf16 on this CPU")
+    settings = {"train.precision": "auto", "optim.max_steps": INTERRUPT_AT + 1}  # bf16 on this CPU is slow
+    reference = tmp_path / "reference"
+    pretrain(_config(tiny_scenes, reference, "moco", **settings, **{"train.checkpoint_every_steps": 100}))
+    assert _final(reference)["precision"] == "bf16"
+
+    run = tmp_path / "run"
+    chosen = []
+    fit = Trainer.fit
+
+    def fit_and_record(self, resume=True):
+        chosen.append(self.dtype)  # before the checkpoint is loaded
+        result = fit(self, resume)
+        chosen.append(self.dtype)
+        return result
+
+    def on_a_machine_without_bf16():  # where auto would choose fp32
+        monkeypatch.setattr(trainer_module, "_cpu_has_bf16", lambda: False)
+        monkeypatch.setattr(Trainer, "fit", fit_and_record)
+
+    with caplog.at_level("WARNING", logger="objcrop.ssl.trainer"):
+        _interrupted_then_resumed(_config(tiny_scenes, run, "moco", **settings), monkeypatch, on_a_machine_without_bf16)
+    assert chosen == [None, torch.bfloat16]
+    assert "keeping the checkpoint's bf16 (this machine would choose fp32)" in caplog.text
+    _assert_same(_final(run)["model"], _final(reference)["model"])
     assert _losses(run) == _losses(reference)
