@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from objcrop.cli import main
+from objcrop.data.readers import load_records
 from objcrop.data.synth import synthesize
+from objcrop.evaluate.knn import knn_probe
+from objcrop.evaluate.linear import linear_probe
 
 torch.set_num_threads(1)
 
@@ -19,6 +22,14 @@ def dataset_args(tmp_path_factory):
     return ["--format", "coco", *split_args.split(), "--size", "16"]
 
 
+def _splits(dataset_args):
+    """The train and test Records the command line names."""
+    args = dict(zip(dataset_args[::2], dataset_args[1::2], strict=True))
+    read = {"images": args["--images"]}
+    train = load_records("coco", annotations=args["--train-annotations"], **read)
+    return train, load_records("coco", annotations=args["--test-annotations"], **read)
+
+
 def _json(capsys, argv) -> dict:
     assert main(argv) == 0
     return json.loads(capsys.readouterr().out)
@@ -29,15 +40,19 @@ def test_linear_json(dataset_args, tmp_path, capsys):
     argv += ["--epochs", "3", "--lrs", "0.1", "--wds", "0", "--no-progress", "--json"]
     out = _json(capsys, argv)
     assert {"metric", "value", "classes_evaluated", "classes_skipped"} <= set(out)
-    assert (
-        out["metric"] == "mAP" and 0 <= out["value"] <= 100 and out["classes_evaluated"] + out["classes_skipped"] == 10
-    )
+    # The numbers of the library call with the same arguments (the wiring passes every one of them).
+    train, test = _splits(dataset_args)
+    probe = dict(size=16, small_images=True, cache_dir=tmp_path, progress=False)
+    expected = linear_probe("random:resnet18", train, test, epochs=3, lrs=(0.1,), wds=(0.0,), **probe).to_dict()
+    same = ("metric", "value", "lr", "weight_decay", "val_value", "classes_evaluated", "classes_skipped", "grid")
+    assert {k: out[k] for k in same} == {k: expected[k] for k in same} and out["cache_hits"] == 0
     again = _json(capsys, argv)
     assert again["cache_hits"] == 2 and again["value"] == out["value"]
 
     # The knn command reads the same cache.
     knn_argv = ["knn", "--checkpoint", "random:resnet18", "--small-images", *dataset_args, "--cache-dir", str(tmp_path)]
     knn = _json(capsys, [*knn_argv, "--k", "5", "20", "--json"])
+    assert knn == knn_probe("random:resnet18", train, test, k=(5, 20), **probe).to_dict()
     assert knn["metric"] == "mAP" and knn["k"] == 5 and [r["k"] for r in knn["results"]] == [5, 20]
 
 
