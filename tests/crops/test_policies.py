@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -361,3 +363,83 @@ def test_every_policy_keeps_its_geometry_inside_the_image(name, data):
         assert (B.area(pair.crops) > 0).all()
         expected = ("scene", "scene") if pair.fallback else POLICIES[name]
         assert sorted(pair.kinds) == sorted(expected)
+
+
+# ------------------------------------------------ what mutation testing found open (docs/testing.md)
+
+
+def test_describe_object_scale_says_mode_range_and_source_exactly():
+    fixed = ViewPairPolicy("obj-obj", object_scale=(0.5, 0.6))
+    assert fixed.describe_object_scale() == "object crop scale: fixed [0.5, 0.6]"
+    region = ViewPairPolicy("obj-obj", object_scale="per-region", scene_scale=(0.3, 0.8), object_scale_cap=0.7)
+    assert region.describe_object_scale() == (
+        "object crop scale: per-region lower bound 0.3 x image area / region area, at most 0.7"
+    )
+    paper = ViewPairPolicy("obj-obj", scene_scale=(0.3, 0.8))
+    assert paper.describe_object_scale() == (
+        "object crop scale: per-region lower bound 0.3 x image area / region area, at most 0.9"
+        " (paper mode, not calibrated on proposals yet)"
+    )
+    # Calibrated: 40x100 boxes in 100x100 images, fraction 0.4, S_min = 0.3 / 0.4 = 0.75, under the cap.
+    store = TinyStore([[[0, 0, 40, 100]]], [(100, 100)])
+    paper.calibrate(store.size, store.boxes_of, 1)
+    assert paper.describe_object_scale() == (
+        "object crop scale: paper, S_min = 0.3 / 0.4000 (mean area fraction of the top-10 usable proposals"
+        " over 1 images) -> [0.7500, 1]"
+    )
+    capped = ViewPairPolicy("obj-obj", scene_scale=(0.3, 0.8), object_scale_cap=0.5)
+    capped.calibrate(store.size, store.boxes_of, 1)
+    assert capped.describe_object_scale() == (
+        "object crop scale: paper, S_min = 0.3 / 0.4000 (mean area fraction of the top-10 usable proposals"
+        " over 1 images, capped at 0.5) -> [0.5000, 1]"
+    )
+
+
+def test_calibration_records_raw_s_min_and_rounds_the_range_to_six_decimals():
+    store = TinyStore([[[0, 0, 30, 100]]], [(100, 100)])  # fraction 0.3: S_min 0.2 / 0.3 = 0.666...
+    policy = ViewPairPolicy("obj-obj", object_scale_cap=1.0).calibrate(store.size, store.boxes_of, 1)
+    assert policy.calibration == {"images": 1, "mean_area_fraction": 0.3, "s_min": 0.2 / 0.3, "capped": False}
+    assert policy.resolved_object_scale == (0.666667, 1.0)
+
+
+def test_a_s_min_equal_to_the_cap_is_not_capped():
+    store = TinyStore([[[0, 0, 40, 100]]], [(100, 100)])  # fraction 0.4: S_min 0.2 / 0.4 = 0.5 exactly
+    policy = ViewPairPolicy("obj-obj", object_scale_cap=0.5).calibrate(store.size, store.boxes_of, 1)
+    assert policy.calibration["s_min"] == 0.5 and policy.calibration["capped"] is False
+
+
+def test_calibration_without_usable_proposals_is_recorded_once_and_keeps_the_per_region_rule():
+    empty = TinyStore([[[np.nan, 0, 10, 10]], []], [(100, 100), (100, 100)])
+    policy = ViewPairPolicy("obj-obj").calibrate(empty.size, empty.boxes_of, 2)
+    assert policy.resolved_object_scale is None
+    assert set(policy.calibration) == {"images", "mean_area_fraction", "capped"}
+    assert policy.calibration["images"] == 0 and policy.calibration["capped"] is False
+    assert math.isnan(policy.calibration["mean_area_fraction"])
+    # Calibrated already (with nothing usable): later proposals do not change it.
+    usable = TinyStore([[[0, 0, 40, 100]]], [(100, 100)])
+    assert policy.calibrate(usable.size, usable.boxes_of, 1).resolved_object_scale is None
+
+
+def test_calibration_reads_every_image_of_a_small_dataset():
+    # 101 images; only the last one has a usable proposal, so skipping any image changes the result.
+    read = []
+    boxes = [[[np.nan, 0, 1, 1]]] * 100 + [[[0, 0, 50, 50]]]
+    store = TinyStore(boxes, [(100, 100)] * 101)
+
+    def boxes_of(i):
+        read.append(i)
+        return store.boxes_of(i)
+
+    policy = ViewPairPolicy("obj-obj", object_scale_cap=1.0).calibrate(store.size, boxes_of, 101)
+    assert read == list(range(101))
+    assert policy.calibration["images"] == 1 and policy.resolved_object_scale == (0.8, 1.0)
+
+
+def test_min_box_size_below_one_pixel_still_grows_the_regions():
+    policy = ViewPairPolicy("obj-obj", min_proposal_size=0.25, min_box_size=1.0)
+    np.testing.assert_allclose(policy.usable_proposals([[10, 10, 10.5, 10.5]], 100, 100), [[9.75, 9.75, 10.75, 10.75]])
+
+
+def test_make_policy_passes_the_name_and_the_settings():
+    policy = make_policy("obj-scene", delta=0.3, topk=4)
+    assert (policy.name, policy.region_kinds, policy.delta, policy.topk) == ("obj-scene", POLICIES["obj-scene"], 0.3, 4)
