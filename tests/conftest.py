@@ -208,6 +208,18 @@ def tiny_run_settings(scenes: Path, out: Path, method: str = "moco", **extra) ->
     return settings
 
 
+def write_run_yaml(settings: dict, path: Path) -> Path:
+    """Dotted ``section.key`` settings (as :func:`tiny_run_settings` gives) as a nested YAML config file."""
+    import yaml
+
+    nested: dict = {}
+    for dotted, value in settings.items():
+        section, key = dotted.split(".")
+        nested.setdefault(section, {})[key] = value
+    path.write_text(yaml.safe_dump(nested), encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def restore_torch_globals():
     """The trainer sets process-wide torch flags; this puts them back after a test that trains."""

@@ -24,6 +24,7 @@ from objcrop.data.synth import synthesize
 from objcrop.proposals import ProposalStore
 from objcrop.ssl.config import load_config
 from objcrop.ssl.trainer import pretrain
+from tests.conftest import write_run_yaml
 
 HERE = Path(__file__).resolve().parent
 KILLS = 3
@@ -136,7 +137,7 @@ def test_pretrain_killed_three_times_then_finished_equals_an_uninterrupted_run(s
     settings = trainer_tests.tiny_settings(
         scenes, tmp_path / "killed", **{"optim.max_steps": 6, "train.checkpoint_every_steps": 1, "train.keep_last": 2}
     )
-    cfg = trainer_tests.write_yaml(settings, tmp_path / "config.yaml")
+    cfg = write_run_yaml(settings, tmp_path / "config.yaml")
     checkpoints = tmp_path / "killed" / "checkpoints"
     targets = np.sort(rng.choice(np.arange(1, 5), size=KILLS, replace=False))
     with open(tmp_path / "killed.log", "wb") as log:

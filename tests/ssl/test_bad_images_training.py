@@ -10,13 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from objcrop.cli import main
 from objcrop.data.readers import load_records
 from objcrop.ssl.checkpoint import load_checkpoint
 from objcrop.ssl.sampler import EpochSampler
-from tests.conftest import tiny_run_settings
+from tests.conftest import tiny_run_settings, write_run_yaml
 
 BAD_JPEG = b"\xff\xd8\xff\xe0 a truncated JPEG"
 # Training records made unreadable. 49, 50 and 0 in a row wrap around the end: sampling 49 or 50 skips up to
@@ -44,15 +43,6 @@ def bad_scenes(tiny_scenes, tmp_path_factory) -> Path:
     return root
 
 
-def _write_yaml(settings: dict, path: Path) -> Path:
-    nested: dict = {}
-    for dotted, value in settings.items():
-        section, key = dotted.split(".")
-        nested.setdefault(section, {})[key] = value
-    path.write_text(yaml.safe_dump(nested), encoding="utf-8")
-    return path
-
-
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_run_over_corrupt_jpegs_reports_exactly_the_distinct_records_it_skipped(
     bad_scenes, tmp_path, capsys, caplog, workers
@@ -72,7 +62,7 @@ def test_a_run_over_corrupt_jpegs_reports_exactly_the_distinct_records_it_skippe
         bad_scenes, out, **{"train.workers": workers, "train.checkpoint_every_steps": 6, **knn}
     )
     with caplog.at_level(logging.WARNING):
-        assert main(["pretrain", "--config", str(_write_yaml(settings, tmp_path / "config.yaml")), "--json"]) == 0
+        assert main(["pretrain", "--config", str(write_run_yaml(settings, tmp_path / "config.yaml")), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (summary["steps"], summary["epochs"]) == (12, 2)  # trained to the end despite them
     assert summary["skipped_images"] == len(BAD_TRAIN)  # each counted once, though epoch 1 skips 4 of them again

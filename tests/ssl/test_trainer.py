@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from objcrop import registry
 from objcrop.cli import main
@@ -28,7 +27,7 @@ from objcrop.ssl.errors import NonFiniteLossError
 from objcrop.ssl.moco import MoCoV2
 from objcrop.ssl.monitors import Monitor
 from objcrop.ssl.trainer import Trainer, pretrain
-from tests.conftest import tiny_run_settings
+from tests.conftest import tiny_run_settings, write_run_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,15 +49,6 @@ tiny_settings = tiny_run_settings
 def tiny_config(scenes: Path, out: Path, method: str = "moco", **extra) -> dict:
     settings = tiny_settings(scenes, out, method, **extra)
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()])
-
-
-def write_yaml(settings: dict, path: Path) -> Path:
-    nested: dict = {}
-    for dotted, value in settings.items():
-        section, key = dotted.split(".")
-        nested.setdefault(section, {})[key] = value
-    path.write_text(yaml.safe_dump(nested), encoding="utf-8")
-    return path
 
 
 def log_rows(out: Path) -> list[dict]:
@@ -135,7 +125,7 @@ def test_resume_after_kill_9_mid_epoch_matches_uninterrupted_run(scenes, tmp_pat
     (seed, epoch, index). The resumption starts mid-epoch (step 4 of 6) and crosses the epoch boundary.
     """
     settings = tiny_settings(scenes, tmp_path / "run", **{"optim.max_steps": 8, "train.workers": 1})
-    cfg = write_yaml(settings, tmp_path / "config.yaml")
+    cfg = write_run_yaml(settings, tmp_path / "config.yaml")
     script = tmp_path / "kill_after_checkpoint.py"
     script.write_text(KILL_AFTER_CHECKPOINT, encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -258,7 +248,7 @@ def test_pretrain_command_passes_the_knn_monitor_and_the_loss_plot(scenes, tmp_p
     test_annotations = str(scenes / "test.json")
     knn = {"train.knn_every_epochs": 1, "train.knn_test_annotations": test_annotations, "train.keep_last": 6}
     settings = tiny_settings(scenes, out, **{"optim.max_steps": 12, **knn})
-    assert main(["pretrain", "--config", str(write_yaml(settings, tmp_path / "config.yaml"))]) == 0
+    assert main(["pretrain", "--config", str(write_run_yaml(settings, tmp_path / "config.yaml"))]) == 0
     with open(out / "eval.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert [(r["step"], r["epoch"]) for r in rows] == [("6", "1"), ("12", "2")]
@@ -383,7 +373,7 @@ def test_a_dataset_without_any_usable_record_is_a_clear_cli_error(scenes, tmp_pa
     settings = tiny_settings(
         scenes, tmp_path / "run", **{"data.images": str(root / "images"), "train.workers": workers}
     )
-    assert main(["pretrain", "--config", str(write_yaml(settings, tmp_path / "config.yaml"))]) == 2
+    assert main(["pretrain", "--config", str(write_run_yaml(settings, tmp_path / "config.yaml"))]) == 2
     err = capsys.readouterr().err
     assert "objcrop pretrain: error: none of the 51 records can be used" in err
     assert "Traceback" not in err and "NoUsableImageError" not in err
@@ -409,7 +399,7 @@ def test_an_output_folder_that_cannot_be_created_fails_before_the_data_is_read(s
 def test_cli_exit_code_2_names_an_uncreatable_output_folder(scenes, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("", encoding="utf-8")
-    cfg = write_yaml(tiny_settings(scenes, blocker / "run"), tmp_path / "config.yaml")
+    cfg = write_run_yaml(tiny_settings(scenes, blocker / "run"), tmp_path / "config.yaml")
     assert main(["pretrain", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert str(blocker / "run") in err and "Traceback" not in err
@@ -535,7 +525,7 @@ def strict_json(text: str):
 
 
 def test_pretrain_json_is_valid_for_an_already_finished_run(scenes, tmp_path, capsys):
-    cfg = write_yaml(tiny_settings(scenes, tmp_path / "run", **{"optim.max_steps": 2}), tmp_path / "config.yaml")
+    cfg = write_run_yaml(tiny_settings(scenes, tmp_path / "run", **{"optim.max_steps": 2}), tmp_path / "config.yaml")
     assert main(["pretrain", "--config", str(cfg), "--json"]) == 0
     first = strict_json(capsys.readouterr().out)
     assert main(["pretrain", "--config", str(cfg), "--json"]) == 0  # nothing left to train
