@@ -239,8 +239,9 @@ def select(
         return idx[_kernels.select_windows(*args, int(k), nss, int(per_size), taken)]
 
     mask = None if falling is None or not falling.any() else falling[cand.filter_index, cand.size_id]
-    if mask is None or not mask.any():
-        return run(np.arange(len(cand.score)), cand.score, topk)
+    if mask is None or not mask.any():  # the usual case: no copies of the candidate arrays
+        args = (cand.size_id, cand.position, cand.score, geometry.res_h, geometry.res_w)
+        return _kernels.select_windows(*args, int(topk), nss, int(per_size), taken)
     rising = run(np.flatnonzero(~mask), cand.score, topk)
     # Their best responses may score worst, so only the per-size limit bounds how many can reach the merge.
     falling_idx = np.flatnonzero(mask)
