@@ -5,10 +5,9 @@ devices, precision, the optimizer and schedule, checkpoints, resumption and logg
 
 Exact resumption: a checkpoint holds the model (with the key/target encoder and the queues, which
 are module state), optimizer, scheduler, grad scaler, the precision ``auto`` chose (kept by a resumed
-run), the RNG states of every rank, the epoch and
-the number of batches already consumed in that epoch. The sampler order and every sample's
-augmentation depend only on (seed, epoch, index), so a resumed run sees exactly the batches the
-uninterrupted run would have seen.
+run), the RNG states of every rank, the epoch and the number of batches already consumed in that epoch.
+The sampler order and every sample's augmentation depend only on (seed, epoch, index), so a resumed run
+sees exactly the batches the uninterrupted run would have seen.
 
 Resuming checks the config against the checkpoint's: keys that would change the sample stream or the
 model are refused with a :class:`~objcrop.ssl.config.ConfigError` naming each (``key: old -> new``);
@@ -77,6 +76,11 @@ class TrainResult:
     is_main: bool = True
 
 
+# train.precision's names and their autocast dtypes (None: fp32), both ways.
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PRECISION_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
 def _resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``train.precision`` on ``device`` (``None``: fp32). Config validation has
     refused fp16 without a GPU."""
@@ -84,10 +88,7 @@ def _resolve_precision(precision: str, device: torch.device) -> torch.dtype | No
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-_PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return _DTYPES[precision]
 
 
 def _cpu_has_bf16() -> bool:
@@ -225,7 +226,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine_lambda(self.total_steps, warmup, float(ocfg["final_lr_factor"]))
         )
-        self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.dtype == torch.float16)
+        self.scaler = self._make_scaler()
         self.sampler = EpochSampler(len(self.dataset), self.env.rank, self.env.world_size, seed=int(tcfg["seed"]))
         self.step = 0
         self.epoch = 0
@@ -363,6 +364,10 @@ class Trainer:
         self.fallbacks = int(state["fallbacks"])
         self.last_loss = float(state.get("loss", float("nan")))
 
+    def _make_scaler(self) -> torch.amp.GradScaler:
+        """A grad scaler, enabled for fp16 only (bf16 and fp32 need none)."""
+        return torch.amp.GradScaler(self.env.device.type, enabled=self.dtype == torch.float16)
+
     def _keep_auto_precision(self, saved: str | None) -> None:
         """With ``train.precision: auto``, a resumed run keeps the precision the checkpoint's run chose (a
         machine that would choose another would make the resumed run differ), unless it cannot run here
@@ -376,8 +381,8 @@ class Trainer:
         logger.warning(
             "train.precision auto: keeping the checkpoint's %s (this machine would choose %s)", saved, current
         )
-        self.dtype = {name: dtype for dtype, name in _PRECISION_NAMES.items()}[saved]
-        self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.dtype == torch.float16)
+        self.dtype = _DTYPES[saved]
+        self.scaler = self._make_scaler()
 
     def save_checkpoint(self) -> Path | None:
         """Writes a checkpoint (rank 0) unless a weight or buffer went NaN/inf; collective under DDP.
