@@ -158,13 +158,7 @@ def _bench_quality():
 @renders("quality")
 def quality_table(result: dict) -> str:
     """``benchmarks/bench_quality.py``: its own tables (mAP per arm, paired differences)."""
-    bench = _bench_quality()
-    sizes = list(result["args"]["readout"])
-    parts = []
-    for name, outcome in result["outcomes"].items():
-        outcome["paired"] = bench.comparisons(outcome, sizes)
-        parts.append(bench.table(name, outcome, sizes))
-    return "\n\n".join(parts)
+    return _bench_quality().report(result)
 
 
 @renders("demo")
