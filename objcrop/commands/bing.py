@@ -46,7 +46,7 @@ def register(subparsers) -> None:
 
     train = sub.add_parser("train", help="train both BING stages on the GT boxes of a dataset")
     add_dataset_args(train)
-    train.add_argument("--out", required=True, help="model file to write (.npz)")
+    train.add_argument("--out", required=True, help="model file to write (.npz): new, or a BING model objcrop wrote")
     train.add_argument(
         "--colour-spaces", type=_spaces, default=("rgb",), help="comma-separated, of rgb, hsv, gray (default rgb)"
     )
@@ -92,7 +92,7 @@ def register(subparsers) -> None:
 
     imp = sub.add_parser("import-opencv", help="convert OpenCV's BING model files")
     imp.add_argument("--opencv-dir", required=True, help="folder with ObjNessB2W8{MAXBGR,HSV,I}.*.yml.gz")
-    imp.add_argument("--out", required=True, help="model file to write (.npz)")
+    imp.add_argument("--out", required=True, help="model file to write (.npz): new, or a BING model objcrop wrote")
     imp.add_argument(
         "--colour-spaces", type=_spaces, default=("rgb", "hsv", "gray"), help="which of rgb,hsv,gray (default all)"
     )
@@ -100,8 +100,9 @@ def register(subparsers) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from objcrop.proposals.bing import TrainConfig, save_model, train_bing
+    from objcrop.proposals.bing import TrainConfig, check_model_path, save_model, train_bing
 
+    check_model_path(args.out)  # before the training, not after it
     records = records_from_args(args)
     config = TrainConfig(
         side_lengths=args.sides,

@@ -23,7 +23,9 @@ def register(subparsers) -> None:
             "--backgrounds crops real photos for the backgrounds. The same seed and settings give the same bytes."
         ),
     )
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--out", required=True, help="output folder: new, or one objcrop synth wrote (others are refused)"
+    )
     parser.add_argument("--images", type=int, default=2000, help="number of images (default 2000)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")

@@ -13,10 +13,15 @@ Layout written to ``out_dir``::
 
 Each image entry also carries ``"labels"``: the sorted category ids present in it. Image ``i``
 depends only on ``(seed, i)`` and the settings, so the bytes are the same for any ``workers``.
+
+``out_dir`` may already hold a dataset that objcrop synth wrote (its :data:`MARKER_FILE`, or the
+``annotations.json`` of an older version): that one is rewritten. Any other folder is refused when
+it holds a file with one of the names above, and its other files are never touched.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -36,6 +41,7 @@ from objcrop.data.synth_sprites import SpriteBank
 from objcrop.io import write_bytes_atomic, write_json_atomic
 
 __all__ = [
+    "MARKER_FILE",
     "SYNTH_CLASSES",
     "image_file_name",
     "render_scene",
@@ -45,6 +51,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+MARKER_FILE = ".objcrop-synth"
+_DESCRIPTION = "objcrop synth scenes"
+_JSON_FILES = ("annotations.json", "train.json", "test.json")
 
 
 def scene_rng(seed: int, index: int) -> np.random.Generator:
@@ -102,6 +112,35 @@ def image_file_name(index: int) -> str:
     return f"{index:06d}.jpg"
 
 
+def _written_by_synth(out: Path) -> bool:
+    """True when ``out`` holds synth's marker, or the ``annotations.json`` of a synth run before the marker."""
+    if (out / MARKER_FILE).is_file():
+        return True
+    try:
+        info = json.loads((out / "annotations.json").read_text(encoding="utf-8")).get("info", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(info, dict) and info.get("description") == _DESCRIPTION
+
+
+def claim_out_dir(out: Path, num_images: int) -> None:
+    """Creates ``out`` and marks it as synth's, refusing a folder that holds files synth would
+    replace but did not write (named in the error)."""
+    if out.is_dir() and not _written_by_synth(out):
+        images = out / "images"
+        existing = set(os.listdir(images)) if images.is_dir() else set()
+        clash = [out / name for name in _JSON_FILES if (out / name).exists()]
+        clash += [images / image_file_name(i) for i in range(num_images) if image_file_name(i) in existing]
+        if clash:
+            raise ValueError(
+                f"{clash[0]} was not written by objcrop synth ({out} has no {MARKER_FILE} marker) and would be "
+                f"replaced ({len(clash)} such file(s)); choose another output folder, or move them away"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / MARKER_FILE).is_file():
+        write_json_atomic(out / MARKER_FILE, {"written_by": "objcrop", "what": "synth scenes"})
+
+
 def _coco(indices: np.ndarray, size: int, boxes: list, labels: list, areas: list, class_names, info: dict) -> dict:
     """A COCO instances dict for the images at ``indices`` (COCO image ids are index + 1, category ids label + 1)."""
     images, annotations = [], []
@@ -155,7 +194,7 @@ def synthesize(
     """Writes a scene dataset to ``out_dir`` (layout in the module docstring).
 
     Args:
-        out_dir: Output folder (created).
+        out_dir: Output folder (created); see the module docstring for what may be in it already.
         num_images: How many scenes.
         seed: Seed of the whole dataset; image ``i`` uses a stream derived from ``(seed, i)``.
         size: Side of the square images in pixels.
@@ -175,6 +214,10 @@ def synthesize(
 
     Returns:
         A summary: output paths, image/object counts, per-class object counts, seconds and images per second.
+
+    Raises:
+        ValueError: A setting is out of range, or ``out_dir`` holds files objcrop synth did not write
+            that it would replace.
     """
     if num_images < 1:
         raise ValueError(f"num_images must be positive, got {num_images}")
@@ -189,8 +232,9 @@ def synthesize(
     class_names = sprite_bank.class_names if sprite_bank is not None else SYNTH_CLASSES
 
     out = Path(out_dir)
+    claim_out_dir(out, num_images)
     images_dir = out / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
+    images_dir.mkdir(exist_ok=True)
     scene_kwargs = dict(
         size=size,
         min_objects=min_objects,
@@ -217,7 +261,7 @@ def synthesize(
     seconds = time.perf_counter() - start
 
     info = {
-        "description": "objcrop synth scenes",
+        "description": _DESCRIPTION,
         "version": objcrop.__version__,
         "seed": seed,
         "size": size,

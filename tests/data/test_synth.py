@@ -282,3 +282,43 @@ def test_classes_are_separable_but_not_by_colour_alone():
     # Each colour family is shared by two classes, so colour alone tops out near 50%.
     assert both > 0.65, both
     assert 2 * chance < colour_only < both - 0.15, (colour_only, both)
+
+
+def test_synthesize_refuses_a_folder_of_someone_elses_files(tmp_path, capsys):
+    """`synth --out` rewrites only a dataset that objcrop synth wrote; a user's files are never replaced."""
+    user = tmp_path / "mine"
+    (user / "images").mkdir(parents=True)
+    photo = user / "images" / "000001.jpg"
+    photo.write_bytes(b"my holiday photo")
+    notes = user / "notes.txt"
+    notes.write_text("keep me")
+    argv = ["synth", "--out", str(user), "--images", "4", "--size", "64", "--no-progress"]
+    assert main(argv) == 2
+    assert str(photo) in capsys.readouterr().err
+    assert photo.read_bytes() == b"my holiday photo" and not (user / "annotations.json").exists()
+
+    photo.unlink()
+    (user / "train.json").write_text('{"mine": true}')
+    with pytest.raises(ValueError, match=r"train\.json was not written by objcrop synth"):
+        synthesize(user, 4, size=64, progress=False)
+    assert (user / "train.json").read_text() == '{"mine": true}'
+
+    (user / "train.json").unlink()  # no clash left: synth writes next to the user's other files
+    synthesize(user, 4, size=64, progress=False)
+    assert notes.read_text() == "keep me" and (user / "images" / "000003.jpg").is_file()
+    synthesize(user, 4, size=64, seed=1, progress=False)  # its own dataset is rewritten
+    assert json.loads((user / "annotations.json").read_text())["info"]["seed"] == 1
+
+
+def test_synthesize_rewrites_a_dataset_killed_before_its_json(tmp_path):
+    """The marker goes first, so images of an interrupted run are known to be synth's."""
+    out = tmp_path / "scenes"
+    synthesize(out, 3, size=64, progress=False)
+    for name in ("annotations.json", "train.json", "test.json"):
+        (out / name).unlink()
+    synthesize(out, 3, size=64, progress=False)
+    older = tmp_path / "older"  # a dataset of a version without the marker: its annotations.json proves it
+    synthesize(older, 3, size=64, progress=False)
+    (older / ".objcrop-synth").unlink()
+    synthesize(older, 3, size=64, seed=2, progress=False)
+    assert json.loads((older / "train.json").read_text())["info"]["seed"] == 2

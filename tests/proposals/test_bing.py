@@ -471,6 +471,21 @@ def test_model_file_errors(tmp_path):
         load_model(tmp_path / "junk.npz")
 
 
+def test_save_model_replaces_only_its_own_model_files(synthetic, tmp_path):
+    model = synthetic[0]
+    ours = save_model(model, tmp_path / "ours.npz")
+    assert save_model(model, ours) == ours  # its own file: replaced
+    for name, content in (("theirs.npz", None), ("junk.npz", b"not a zip"), ("notes.txt", b"mine")):
+        path = tmp_path / name
+        np.savez(path, x=np.zeros(3)) if content is None else path.write_bytes(content)
+        before = path.read_bytes()
+        with pytest.raises(ValueError, match="not a BING model file objcrop wrote"):
+            save_model(model, path)
+        assert path.read_bytes() == before
+    with pytest.raises(IsADirectoryError):
+        save_model(model, tmp_path)
+
+
 # ------------------------------------------------------------------ bad inputs
 
 
@@ -608,6 +623,12 @@ def test_cli_train_and_import(tmp_path, capsys):
     assert main([*argv, "--svm-solver", "dual", "--max-negatives", "none", "--max-positives", "50"]) == 0
     assert "stage I: 50 positives" in capsys.readouterr().out
     assert load_model(out).info["config"]["svm_solver"] == "dual"
+    # A file that is not an objcrop BING model is refused before training, and kept.
+    theirs = tmp_path / "theirs.npz"
+    np.savez(theirs, weights=np.ones(3))
+    before = theirs.read_bytes()
+    assert main([*argv, "--out", str(theirs)]) == 2  # the last --out wins
+    assert str(theirs) in capsys.readouterr().err and theirs.read_bytes() == before
     if OPENCV_MODEL.is_dir():
         out2 = tmp_path / "opencv.npz"
         assert main(["bing", "import-opencv", "--opencv-dir", str(OPENCV_MODEL), "--out", str(out2)]) == 0

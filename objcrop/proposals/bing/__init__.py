@@ -12,7 +12,7 @@ second ranking of the best windows. The numba kernels live in ``_kernels``.
 from objcrop.proposals.bing.detect import BingProposer, detect
 from objcrop.proposals.bing.features import COLOUR_SPACES, size_grid
 from objcrop.proposals.bing.model import BingFilter, BingModel, binarize_weights
-from objcrop.proposals.bing.model_io import load_any, load_model, save_model
+from objcrop.proposals.bing.model_io import check_model_path, load_any, load_model, save_model
 from objcrop.proposals.bing.opencv_model import load_opencv_model
 from objcrop.proposals.bing.rescore import Rescorer
 from objcrop.proposals.bing.train import TrainConfig, train_bing
@@ -25,6 +25,7 @@ __all__ = [
     "Rescorer",
     "TrainConfig",
     "binarize_weights",
+    "check_model_path",
     "detect",
     "load_any",
     "load_model",

@@ -1,5 +1,5 @@
 """Saving and loading BING models: one ``.npz`` of plain arrays (read with ``allow_pickle=False``) whose
-``meta`` entry is UTF-8 JSON. Writes are atomic."""
+``meta`` entry is UTF-8 JSON. Writes are atomic, and replace only a file that is such a model already."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from objcrop.io import atomic_open
 from objcrop.proposals.bing.model import BingFilter, BingModel
 from objcrop.proposals.bing.rescore import Rescorer
 
-__all__ = ["FORMAT", "save_model", "load_model", "load_any"]
+__all__ = ["FORMAT", "check_model_path", "save_model", "load_model", "load_any"]
 
 FORMAT = "objcrop-bing"
 VERSION = 1
@@ -39,9 +39,40 @@ def _meta(model: BingModel) -> dict:
     }
 
 
-def save_model(model: BingModel, path: str | PathLike) -> Path:
-    """Writes ``model`` to ``path`` (conventionally ``*.npz``) atomically; returns the path."""
+def _is_model_file(path: Path) -> bool:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(data["meta"].tobytes().decode("utf-8")) if "meta" in data.files else {}
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
+def check_model_path(path: str | PathLike) -> Path:
+    """``path`` when a model may be written there: absent, or a BING model file objcrop wrote.
+
+    Raises:
+        ValueError: ``path`` is a file of something else (it would be replaced).
+        IsADirectoryError: ``path`` is a folder.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder, not a model file")
+    if path.exists() and not _is_model_file(path):
+        raise ValueError(
+            f"{path} is not a BING model file objcrop wrote and would be replaced; "
+            "choose another --out, or move it away"
+        )
+    return path
+
+
+def save_model(model: BingModel, path: str | PathLike) -> Path:
+    """Writes ``model`` to ``path`` (conventionally ``*.npz``) atomically; returns the path.
+
+    Raises:
+        ValueError: ``path`` holds a file that is not an objcrop BING model (see :func:`check_model_path`).
+    """
+    path = check_model_path(path)
     arrays = {"meta": np.frombuffer(json.dumps(_meta(model)).encode("utf-8"), dtype=np.uint8)}
     for i, f in enumerate(model.filters):
         arrays[f"filter{i}_weights"] = f.weights
