@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
     report, outcomes = [], {}
     for name in args.datasets:
         outcomes[name] = run_dataset(name, args, settings)
-        report.append(table(name, outcomes[name], args.readout))
+        report.append(table(name, outcomes[name], args.readout, args.readable_margin))
         print(report[-1], flush=True)
         write_json_atomic(out / "quality.json", {"args": vars(args), "outcomes": outcomes}, indent=1)
     write_text_atomic(out / "quality.md", "\n\n".join(report) + "\n")

@@ -1,4 +1,4 @@
-"""The ``--quick`` modes of ``benchmarks/bench_detect.py`` and ``benchmarks/gpu_quality.py`` run every step.
+"""The ``--quick`` modes of ``benchmarks/bench_quality.py``, ``bench_detect.py`` and ``gpu_quality.py`` run every step.
 
 The scripts are imported from the benchmarks folder (they import ``bench_quality`` from next to them)
 and their ``main`` is called in-process with a temporary output folder.
@@ -114,3 +114,34 @@ def test_steady_rate_leaves_the_start_up_out(bench, tmp_path):
     assert gpu_quality.steady_rate(log, batch_size=8) == pytest.approx(32.0)
     log.write_text("step,loss,img_per_s\n20,1.0,10.0\n")
     assert gpu_quality.steady_rate(log, batch_size=8) is None
+
+
+@pytest.mark.slow
+def test_bench_quality_quick_pairs_seeds_and_gives_a_readability_verdict(bench, tmp_path, capsys):
+    bench_quality = bench("bench_quality")
+    out = tmp_path / "bq"
+    argv = ["--quick", "--datasets", "synth", "--arms", "scene-scene", "obj-obj-dilate", "--out", str(out)]
+    # Any supervised value clears chance - 100: the SSL arms run, two seeds each, paired by seed.
+    stored = bench_quality.main([*argv, "--readable-margin", "-100"])
+    outcome = stored["outcomes"]["synth"]
+    arm, base = outcome["results"]["obj-obj-dilate"]["64"], outcome["results"]["scene-scene"]["64"]
+    assert len(arm) == len(base) == 2
+    (row,) = outcome["paired"]
+    assert (row["arm"], row["baseline"], row["pairs"]) == ("obj-obj-dilate", "scene-scene", 2)
+    assert row["diffs"] == pytest.approx([a - b for a, b in zip(arm, base, strict=True)])
+    assert json.loads((out / "quality.json").read_text())["outcomes"]["synth"]["results"] == outcome["results"]
+    report = (out / "quality.md").read_text()
+    assert "Readable: supervised" in report and "| obj-obj-dilate - scene-scene | 64 px | 2 |" in report
+    assert report == bench_quality.report_from_json(out / "quality.json")
+    assert (out / "quality-synth.png").stat().st_size > 0
+
+    # No supervised value clears chance + 1000: not readable, the SSL arms are skipped, the references kept.
+    stored = bench_quality.main([*argv, "--readable-margin", "1000", "--out", str(tmp_path / "unreadable")])
+    results = stored["outcomes"]["synth"]["results"]
+    assert set(results) == {
+        "random init",
+        "supervised (same backbone), linear probe",
+        "supervised (same backbone), own head",
+    }
+    assert "**Not readable**" in (tmp_path / "unreadable" / "quality.md").read_text()
+    capsys.readouterr()
