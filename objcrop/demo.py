@@ -194,13 +194,16 @@ def run_demo(out: str | Path = "demo_report", settings: DemoSettings | None = No
     random_dir = work / "proposals-random-test"
     build_store(test, RandomBoxProposer(n=1000, seed=settings.seed), random_dir, workers=1, topk=1000, progress=False)
     recalls["random boxes (RandomResizedCrop)"] = recall_at_k(test, ProposalStore.open(random_dir, test))
-    plot_recall_curves(recalls, out / "recall.png")
+    # check=False for the report's pictures: the demo owns its out folder (it rewrites report.md there too)
+    plot_recall_curves(recalls, out / "recall.png", check=False)
     lap("proposals", t0)
 
     # 3. pictures and coverage
     t0 = time.perf_counter()
     policies = [ViewPairPolicy(name, delta=0.1) for name in settings.arms]
-    save_figure(draw_records(train, store, [0, 1], policies, pairs=3, seed=settings.seed), out / "crops.png")
+    save_figure(
+        draw_records(train, store, [0, 1], policies, pairs=3, seed=settings.seed), out / "crops.png", check=False
+    )
     cover = {}
     sources = {"gt": gt_store, settings.proposals: store}  # one entry when the arms use GT boxes themselves
     for label, source in sources.items():
@@ -220,7 +223,7 @@ def run_demo(out: str | Path = "demo_report", settings: DemoSettings | None = No
         curves[policy] = _loss_curve(run_dir / "log.csv")
         lap(f"pretrain {policy}", t0)
     ylabel = f"{_method_name(settings)} loss"
-    plot_curves(curves, out / "loss.png", xlabel="step", ylabel=ylabel, title="pretraining loss")
+    plot_curves(curves, out / "loss.png", xlabel="step", ylabel=ylabel, title="pretraining loss", check=False)
 
     # 5. linear probe
     probes = {}
@@ -248,6 +251,7 @@ def run_demo(out: str | Path = "demo_report", settings: DemoSettings | None = No
         ylabel="test mAP (%)",
         title="linear probe on frozen features",
         reference=chance,
+        check=False,
     )
 
     total = time.perf_counter() - started

@@ -3,19 +3,32 @@
 A reader (or a run restarted after ``kill -9``) sees either the old file or the complete new one,
 never a partial write. The rename is atomic on POSIX filesystems; callers that must also survive a
 power loss (checkpoints) fsync before it.
+
+A rename replaces whatever is at the target, so a command that writes a file the user names checks it first
+with :func:`check_replaceable`: only a file that objcrop can prove it wrote (by the file's content, in the
+format's own way) is replaced.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_open", "atomic_torch_save", "write_bytes_atomic", "write_text_atomic", "write_json_atomic"]
+__all__ = [
+    "atomic_open",
+    "atomic_torch_save",
+    "check_replaceable",
+    "json_is_ours",
+    "write_bytes_atomic",
+    "write_text_atomic",
+    "write_json_atomic",
+]
 
 
 def _umask() -> int:
@@ -72,3 +85,34 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = No
     """Writes ``obj`` as JSON (compact unless ``indent`` is given) followed by a newline."""
     separators = (",", ":") if indent is None else None
     write_text_atomic(path, json.dumps(obj, indent=indent, separators=separators, **kwargs) + "\n")
+
+
+def check_replaceable(path: str | os.PathLike, is_ours: Callable[[Path], bool]) -> Path:
+    """``path`` when a file may be written there: absent, or a file that ``is_ours`` proves objcrop wrote.
+
+    Args:
+        path: The output file the user named.
+        is_ours: Reads the existing file and says whether its content proves objcrop wrote it; it must
+            return False (not raise) for a file it cannot read or parse.
+
+    Raises:
+        ValueError: ``path`` holds a file objcrop did not write (it would be replaced).
+        IsADirectoryError: ``path`` is a folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+    if (path.exists() or path.is_symlink()) and not is_ours(path):
+        raise ValueError(
+            f"{path} was not written by objcrop and would be replaced; choose another --out, or move it away"
+        )
+    return path
+
+
+def json_is_ours(path: Path, proves: Callable[[dict], bool]) -> bool:
+    """Whether ``path`` is a JSON object for which ``proves`` holds (False for anything unreadable)."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(obj, dict) and bool(proves(obj))

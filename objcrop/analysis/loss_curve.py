@@ -29,7 +29,9 @@ def plot_loss_log(log_csv: str | os.PathLike, png: str | os.PathLike) -> Path | 
     from objcrop.analysis.plots import plot_curves  # matplotlib: only when there is something to draw
 
     steps = [int(r["step"]) for r in rows]
-    return plot_curves({"loss": (steps, [float(r["loss"]) for r in rows])}, png, xlabel="step", ylabel="loss")
+    curve = {"loss": (steps, [float(r["loss"]) for r in rows])}
+    # check=False: loss.png sits in the run folder objcrop manages, beside its checkpoints
+    return plot_curves(curve, png, xlabel="step", ylabel="loss", check=False)
 
 
 class LossPlot(Monitor):

@@ -22,6 +22,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from PIL import Image
 
+from objcrop.analysis.png import PNG_METADATA, check_png_out
 from objcrop.crops.policies import ViewPair, ViewPairPolicy
 from objcrop.io import atomic_open
 
@@ -275,8 +276,22 @@ def draw_records(
     return fig
 
 
-def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
-    """Writes ``fig`` as a PNG atomically (temporary file in the same folder, then rename)."""
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100, check: bool = True) -> Path:
+    """Writes ``fig`` as a PNG atomically (temporary file in the same folder, then rename).
+
+    Args:
+        fig: The figure.
+        path: The PNG file to write.
+        dpi: Resolution.
+        check: Refuse to replace a file at ``path`` that objcrop did not write (see
+            :func:`~objcrop.analysis.png.check_png_out`); False for a file inside a folder objcrop manages
+            (a run's ``loss.png``, the demo's report).
+
+    Raises:
+        ValueError: ``path`` holds a file objcrop did not write (with ``check``).
+    """
+    if check:
+        check_png_out(path)
     with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=dpi, facecolor="white")
+        fig.savefig(f, format="png", dpi=dpi, facecolor="white", metadata=PNG_METADATA)
     return Path(path)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import matplotlib
 
+from objcrop.analysis.png import PNG_METADATA, check_png_out
 from objcrop.io import atomic_open
 
 matplotlib.use("Agg")
@@ -16,11 +17,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 __all__ = ["save_png", "plot_curves", "plot_bars"]
 
 
-def save_png(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Saves ``fig`` as PNG atomically and closes it."""
+def save_png(fig, path: str | os.PathLike, dpi: int = 120, check: bool = False) -> Path:
+    """Saves ``fig`` as PNG atomically and closes it.
+
+    Args:
+        fig: The figure (closed afterwards).
+        path: The PNG file to write.
+        dpi: Resolution.
+        check: Refuse to replace a file at ``path`` that objcrop did not write (see
+            :func:`~objcrop.analysis.png.check_png_out`). Off by default: these plots go into folders a run
+            manages (a run's ``loss.png``, the demo's report, the benchmarks' output folders), which may
+            hold PNGs objcrop wrote before its PNGs were marked; pass True for a file the user names.
+    """
     try:
+        if check:
+            check_png_out(path)
         with atomic_open(path, "wb") as f:
-            fig.savefig(f, dpi=dpi, bbox_inches="tight", format="png")
+            fig.savefig(f, dpi=dpi, bbox_inches="tight", format="png", metadata=PNG_METADATA)
     finally:
         plt.close(fig)
     return Path(path)
@@ -33,8 +46,9 @@ def plot_curves(
     ylabel: str = "",
     title: str = "",
     logx: bool = False,
+    check: bool = False,
 ) -> Path:
-    """One line per ``name -> (x, y)``."""
+    """One line per ``name -> (x, y)`` (``check``: see :func:`save_png`)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, (x, y) in curves.items():
         ax.plot(x, y, label=name, linewidth=1.5)
@@ -47,7 +61,7 @@ def plot_curves(
     ax.grid(alpha=0.3)
     if len(curves) > 1:
         ax.legend()
-    return save_png(fig, path)
+    return save_png(fig, path, check=check)
 
 
 def plot_bars(
@@ -57,11 +71,12 @@ def plot_bars(
     ylabel: str = "",
     title: str = "",
     reference: float | None = None,
+    check: bool = False,
 ) -> Path:
     """A bar per ``name -> value``, with optional ``(lo, hi)`` intervals and a dashed reference line.
 
     Only the names in ``errors`` get an error bar: a row without an interval (one seed) gets none,
-    rather than a zero-width one that reads as "no variance".
+    rather than a zero-width one that reads as "no variance". ``check``: see :func:`save_png`.
     """
     names = list(values)
     fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(names)), 4))
@@ -83,4 +98,4 @@ def plot_bars(
     if title:
         ax.set_title(title)
     ax.tick_params(axis="x", rotation=20)
-    return save_png(fig, path)
+    return save_png(fig, path, check=check)

@@ -174,7 +174,7 @@ def recall_table(results: Mapping[str, RecallResult]) -> str:
     return "\n".join(lines)
 
 
-def plot_recall_curves(results: Mapping[str, RecallResult], out_png, iou: float = 0.5) -> Path:
+def plot_recall_curves(results: Mapping[str, RecallResult], out_png, iou: float = 0.5, check: bool = True) -> Path:
     """Draws the DR-#WIN plot of the BING paper: recall against proposals per image (log x), one line
     per store, and writes it as a PNG atomically.
 
@@ -182,6 +182,8 @@ def plot_recall_curves(results: Mapping[str, RecallResult], out_png, iou: float 
         results: Store name -> its :class:`RecallResult`; each must have been evaluated at ``iou``.
         out_png: Output path.
         iou: IoU threshold to plot.
+        check: Refuse to replace a file at ``out_png`` that objcrop did not write (see
+            :func:`~objcrop.analysis.pictures.save_figure`).
 
     Returns:
         The path written.
@@ -206,4 +208,4 @@ def plot_recall_curves(results: Mapping[str, RecallResult], out_png, iou: float 
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
-    return save_figure(fig, out_png)
+    return save_figure(fig, out_png, check=check)

@@ -67,7 +67,10 @@ def _register_coverage(analyses) -> None:
 
 def run_coverage(args: argparse.Namespace) -> int:
     from objcrop.analysis.coverage import coverage, coverage_table
+    from objcrop.commands.analyze_results import check_result_out
 
+    if args.out:
+        check_result_out(args.out)  # before the sampling, not after it
     records = records_from_args(args)
     store = proposals_from_args(args, records)
     results = []
@@ -90,7 +93,7 @@ def run_coverage(args: argparse.Namespace) -> int:
     if not args.json:
         print(coverage_table(results))
     if args.out:
-        from objcrop.commands.analyze_results import write_result
+        from objcrop.commands.analyze_results import write_result  # checks args.out again
 
         keys = ("proposals", "pairs_per_image", "seed", "bootstrap", "delta", "topk", "min_box_size")
         settings = {key: getattr(args, key) for key in (*keys, "object_scale", "object_scale_cap")}

@@ -46,6 +46,10 @@ def run_recall(args: argparse.Namespace) -> int:
     from objcrop.analysis.recall import plot_recall_curves, recall_at_k, recall_table
     from objcrop.proposals import open_proposals
 
+    if args.plot:
+        from objcrop.analysis.png import check_png_out
+
+        check_png_out(args.plot)  # before the recall, not after it
     ious = list(dict.fromkeys([*args.iou, *([args.plot_iou] if args.plot else [])]))
     records = records_from_args(args)
     results = {}

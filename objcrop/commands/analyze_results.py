@@ -15,7 +15,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from objcrop.io import write_json_atomic
+from objcrop.io import check_replaceable, json_is_ours, write_json_atomic
 
 PROVENANCE_KEYS = ("commit", "machine", "date", "command")
 
@@ -87,8 +87,38 @@ def provenance(command: str | None = None) -> dict:
     }
 
 
+def is_result_file(path: Path) -> bool:
+    """Whether ``path`` is a result file objcrop wrote: a JSON object with a string ``kind`` and every
+    provenance field (``commit``, ``machine``, ``date``, ``command``, ``versions``), which
+    :func:`write_result` always writes (so also result files older than this check are recognised)."""
+
+    def proves(obj: dict) -> bool:
+        return (
+            isinstance(obj.get("kind"), str)
+            and isinstance(obj.get("versions"), dict)
+            and set(PROVENANCE_KEYS) <= set(obj)
+        )
+
+    return json_is_ours(path, proves)
+
+
+def check_result_out(path: str | os.PathLike) -> Path:
+    """``path`` when a result file may be written there: absent, or a result file objcrop wrote.
+
+    Raises:
+        ValueError: ``path`` holds another file (it would be replaced).
+        IsADirectoryError: ``path`` is a folder.
+    """
+    return check_replaceable(path, is_result_file)
+
+
 def write_result(path: str | os.PathLike, kind: str, data: dict, command: str | None = None) -> dict:
-    """Writes ``data`` as a result file of ``kind`` (atomically) with the provenance of this run; returns it."""
+    """Writes ``data`` as a result file of ``kind`` (atomically) with the provenance of this run; returns it.
+
+    Raises:
+        ValueError: ``path`` holds a file that is not an objcrop result file (see :func:`check_result_out`).
+    """
+    check_result_out(path)
     clash = sorted(set(data) & {"kind", "versions", *PROVENANCE_KEYS})
     if clash:
         raise ValueError(f"result data must not hold the provenance keys {clash}")

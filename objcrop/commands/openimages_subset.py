@@ -21,16 +21,22 @@ def register(subparsers) -> None:
     parser.add_argument("--labels", help="OpenImages image-level labels CSV (ImageID, LabelName, Confidence)")
     parser.add_argument("--min-class-images", type=int, default=900, help="images a class needs (default 900)")
     parser.add_argument("--min-classes", type=int, default=2, help="kept classes an image needs (default 2)")
-    parser.add_argument("--out", help="write the kept ImageIDs here, one per line")
+    parser.add_argument(
+        "--out",
+        help="write the kept ImageIDs here, one per line after a '# objcrop openimages-subset' header line "
+        "(an existing file is replaced only if objcrop wrote it)",
+    )
     parser.add_argument("--json", action="store_true", help="print the counts as JSON")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from objcrop.data.openimages import openimages_subset
+    from objcrop.data.openimages import check_ids_out, openimages_subset
 
     if args.min_class_images < 1 or args.min_classes < 1:
         raise ValueError("--min-class-images and --min-classes must be >= 1")
+    if args.out:
+        check_ids_out(args.out)  # before reading the CSVs (minutes for the full OpenImages)
     start = time.perf_counter()
     subset = openimages_subset(
         args.boxes,

@@ -53,7 +53,9 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from objcrop.analysis.pictures import draw_records, save_figure
+    from objcrop.analysis.png import check_png_out
 
+    check_png_out(args.out)  # before the drawing; save_figure checks again
     records = records_from_args(args)
     store = proposals_from_args(args, records)
     if args.random is not None:

@@ -14,20 +14,24 @@ import os
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from objcrop.data._common import build_records, read_sizes, unique_counts
 from objcrop.data.records import Records
-from objcrop.io import atomic_open
+from objcrop.io import atomic_open, check_replaceable
 
 __all__ = [
     "BOX_COLUMNS",
     "LABEL_COLUMNS",
     "read_openimages",
     "read_class_descriptions",
+    "IDS_HEADER",
     "OpenImagesSubset",
+    "check_ids_out",
+    "ids_file_is_ours",
     "openimages_subset",
 ]
 
@@ -181,6 +185,25 @@ def _display_names(mids: Sequence[str], classes_csv) -> list[str]:
     return [table.get(m, m) for m in mids]
 
 
+# The first line of an id list written by ``objcrop openimages-subset``: the proof that a later run may
+# replace the file (lists written before the header existed count as foreign). ImageIDs never start with '#'.
+IDS_HEADER = "# objcrop openimages-subset: kept ImageIDs, one per line"
+
+
+def ids_file_is_ours(path: Path) -> bool:
+    """Whether ``path`` starts with :data:`IDS_HEADER`."""
+    try:
+        with open(path, "rb") as f:
+            return f.readline().rstrip(b"\r\n") == IDS_HEADER.encode()
+    except OSError:
+        return False
+
+
+def check_ids_out(path: str | os.PathLike) -> Path:
+    """``path`` when an id list may be written there: absent, or an id list objcrop wrote."""
+    return check_replaceable(path, ids_file_is_ours)
+
+
 @dataclass
 class OpenImagesSubset:
     """Result of :func:`openimages_subset`.
@@ -226,8 +249,15 @@ class OpenImagesSubset:
         }
 
     def write_image_ids(self, path: str | os.PathLike) -> None:
-        """Writes the kept ImageIDs, one per line, atomically (temp file in the same folder, then rename)."""
+        """Writes the kept ImageIDs, one per line after the :data:`IDS_HEADER` line, atomically (temp file in
+        the same folder, then rename).
+
+        Raises:
+            ValueError: ``path`` holds a file that is not an id list objcrop wrote (see :func:`check_ids_out`).
+        """
+        check_ids_out(path)
         with atomic_open(path, "w") as f:
+            f.write(IDS_HEADER + "\n")
             f.writelines(f"{i}\n" for i in self.image_ids)
 
 

@@ -30,7 +30,7 @@ from objcrop.evaluate.linear import linear_probe
 from objcrop.evaluate.losses import classification_loss
 from objcrop.evaluate.metrics import chance_level, labels_for_task, score_predictions
 from objcrop.io import atomic_torch_save
-from objcrop.ssl.backbone_io import write_arch_sidecar
+from objcrop.ssl.backbone_io import check_state_dict_out, mark_state_dict, write_arch_sidecar
 from objcrop.ssl.backbones import build_backbone, is_timm
 
 __all__ = ["SupervisedResult", "build_classifier", "save_classifier", "supervised_baseline", "train_supervised"]
@@ -132,9 +132,14 @@ def train_supervised(
 def save_classifier(
     model: nn.Sequential, path: str | os.PathLike, arch: str, small_images: bool, class_names: Sequence[str], **extra
 ) -> Path:
-    """Writes the torchvision-named state dict to ``path`` and the sidecar ``<path>.json`` (both atomically)."""
-    path = Path(path)
-    atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    """Writes the torchvision-named state dict to ``path`` and the sidecar ``<path>.json`` (both atomically).
+
+    Raises:
+        ValueError: ``path`` or its sidecar holds a file objcrop did not write (see
+            :func:`~objcrop.ssl.backbone_io.check_state_dict_out`); nothing is written then.
+    """
+    path = check_state_dict_out(path)
+    atomic_torch_save(mark_state_dict(model.state_dict()), path)
     write_arch_sidecar(path, arch, small_images, num_classes=len(class_names), class_names=list(class_names), **extra)
     return path
 
@@ -185,7 +190,8 @@ def supervised_baseline(
     Args:
         train_records: Training images.
         test_records: Test images.
-        out: The state dict file to write (``<out>.json`` is its sidecar).
+        out: The state dict file to write (``<out>.json`` is its sidecar); each must be absent or written by
+            objcrop, else a ValueError naming it is raised before the training.
         arch: Backbone name.
         small_images: Small-image stem.
         task: ``"multi"`` or ``"single"``.
@@ -203,6 +209,7 @@ def supervised_baseline(
     """
     if train_records.class_names != test_records.class_names:
         raise ValueError(f"train ({train_records.root}) and test ({test_records.root}) have different classes")
+    check_state_dict_out(out)  # before the training: a foreign file at ``out`` would be found only after it
     start = time.perf_counter()
     model, losses = train_supervised(
         train_records,

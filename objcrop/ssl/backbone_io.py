@@ -13,13 +13,14 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from objcrop.io import write_json_atomic
+from objcrop.io import check_replaceable, json_is_ours, write_json_atomic
 from objcrop.ssl.backbones import trunk_weights
 from objcrop.ssl.base import SSLMethod, build_method
 from objcrop.ssl.checkpoint import load_checkpoint
@@ -28,11 +29,14 @@ __all__ = [
     "BackboneArch",
     "arch_sidecar",
     "backbone_from_checkpoint",
+    "check_state_dict_out",
     "checkpoint_arch",
     "checkpoint_backbone",
     "is_objcrop_checkpoint",
+    "mark_state_dict",
     "method_arch",
     "read_arch_sidecar",
+    "state_dict_is_ours",
     "write_arch_sidecar",
 ]
 
@@ -112,10 +116,46 @@ def arch_sidecar(path: str | os.PathLike) -> Path:
 
 
 def write_arch_sidecar(path: str | os.PathLike, arch: str, small_images: bool, **extra) -> Path:
-    """Writes ``<path>.json`` with the architecture of the state dict at ``path`` (atomically)."""
+    """Writes ``<path>.json`` with the architecture of the state dict at ``path`` (atomically).
+
+    ``written_by: objcrop`` in it is the proof that lets a later run replace it (see :func:`check_state_dict_out`).
+    """
     sidecar = arch_sidecar(path)
-    write_json_atomic(sidecar, {"arch": arch, "small_images": bool(small_images), **extra}, indent=2)
+    write_json_atomic(
+        sidecar, {"arch": arch, "small_images": bool(small_images), **extra, "written_by": "objcrop"}, indent=2
+    )
     return sidecar
+
+
+# The marker of the state dicts objcrop saves (export, the supervised baseline). It sits in the dict's
+# ``_metadata`` (the per-module table torch's ``state_dict()`` attaches and ``torch.save`` keeps), not among
+# its keys: ``load_state_dict(strict=True)`` still sees exactly the network's tensors, and a module prefix is
+# never ``__objcrop__``. State dicts objcrop wrote before the marker existed count as foreign.
+STATE_DICT_MARK = "__objcrop__"
+
+
+def mark_state_dict(weights: Mapping[str, torch.Tensor]) -> OrderedDict:
+    """``weights`` (on the CPU, detached) as the state dict objcrop saves, with its marker."""
+    state = OrderedDict((k, v.detach().cpu()) for k, v in weights.items())
+    state._metadata = OrderedDict({STATE_DICT_MARK: {"written_by": "objcrop"}})  # type: ignore[attr-defined]
+    return state
+
+
+def state_dict_is_ours(path: Path) -> bool:
+    """Whether ``path`` is a state dict saved by objcrop (:func:`mark_state_dict`); False for anything else."""
+    try:  # mmap: the tensors' bytes are not read
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # torch raises several types for foreign or truncated files
+        return False
+    metadata = getattr(state, "_metadata", None)
+    return isinstance(metadata, Mapping) and metadata.get(STATE_DICT_MARK, {}).get("written_by") == "objcrop"
+
+
+def check_state_dict_out(path: str | os.PathLike) -> Path:
+    """``path`` when a state dict and its sidecar ``<path>.json`` may be written there: each absent or
+    written by objcrop (see :func:`objcrop.io.check_replaceable`)."""
+    check_replaceable(arch_sidecar(path), lambda p: json_is_ours(p, lambda obj: obj.get("written_by") == "objcrop"))
+    return check_replaceable(path, state_dict_is_ours)
 
 
 def read_arch_sidecar(path: str | os.PathLike) -> dict[str, Any]:

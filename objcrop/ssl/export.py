@@ -12,14 +12,33 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 import re
 from pathlib import Path
 
-from objcrop.io import atomic_open, atomic_torch_save
-from objcrop.ssl.backbone_io import checkpoint_backbone, write_arch_sidecar
+from objcrop.io import atomic_open, atomic_torch_save, check_replaceable
+from objcrop.ssl.backbone_io import check_state_dict_out, checkpoint_backbone, mark_state_dict, write_arch_sidecar
 from objcrop.ssl.backbones import is_timm
 
-__all__ = ["to_detectron2_names", "export_torchvision", "export_detectron2"]
+__all__ = ["to_detectron2_names", "export_torchvision", "export_detectron2", "detectron2_pickle_is_ours"]
+
+AUTHOR = "objcrop"  # the ``__author__`` of the Detectron2 files objcrop writes
+
+
+def detectron2_pickle_is_ours(path: Path) -> bool:
+    """Whether ``path`` is a pickle whose ``__author__`` is objcrop. The opcodes are only scanned
+    (:func:`pickletools.genops`), never executed: objcrop does not unpickle files it did not prove."""
+    previous = None
+    try:
+        with open(path, "rb") as f:
+            for _, arg, _ in pickletools.genops(f):
+                if isinstance(arg, str):
+                    if previous == "__author__":
+                        return arg == AUTHOR
+                    previous = arg
+    except Exception:  # not a pickle, or a truncated one (pickletools raises several types)
+        return False
+    return False
 
 
 def to_detectron2_names(name: str) -> str:
@@ -40,8 +59,10 @@ def export_torchvision(checkpoint: str | os.PathLike, out: str | os.PathLike) ->
     sidecar): ``timm.create_model(name, pretrained=False).load_state_dict(w, strict=False)`` misses only
     the classifier head.
     """
+    check_state_dict_out(out)  # before reading the checkpoint, and again before the writes
     weights, (arch, small_images) = checkpoint_backbone(checkpoint)
-    atomic_torch_save(weights, out)
+    check_state_dict_out(out)
+    atomic_torch_save(mark_state_dict(weights), out)
     write_arch_sidecar(out, arch, small_images, source=str(checkpoint))
     return Path(out)
 
@@ -54,6 +75,7 @@ def export_detectron2(checkpoint: str | os.PathLike, out: str | os.PathLike) -> 
             stem cannot hold: it would skip the mismatched weights with only a warning; or for a timm
             backbone, whose names have no Detectron2 mapping.
     """
+    check_replaceable(out, detectron2_pickle_is_ours)
     weights, (arch, small_images) = checkpoint_backbone(checkpoint)
     if is_timm(arch):
         raise ValueError(
@@ -62,7 +84,9 @@ def export_detectron2(checkpoint: str | os.PathLike, out: str | os.PathLike) -> 
     if small_images:
         raise ValueError(f"{checkpoint}: a small-image stem has no Detectron2 equivalent; export it for torchvision")
     converted = {to_detectron2_names(k): v.numpy() for k, v in weights.items() if not k.endswith("num_batches_tracked")}
-    payload = {"model": converted, "__author__": "objcrop", "matching_heuristics": True}
+    # __author__ first: detectron2_pickle_is_ours finds it without scanning the weights
+    payload = {"__author__": AUTHOR, "model": converted, "matching_heuristics": True}
+    check_replaceable(out, detectron2_pickle_is_ours)
     with atomic_open(out, "wb") as f:
         pickle.dump(payload, f)  # Detectron2 reads this format; objcrop itself never loads pickles
     return Path(out)

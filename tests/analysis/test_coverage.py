@@ -223,6 +223,25 @@ def test_cli_table_defaults_to_every_policy(tmp_path, capsys):
         assert name in out
 
 
+def test_cli_out_replaces_only_result_files(tmp_path, capsys):
+    annotations, images = write_coco(tmp_path)
+    out = tmp_path / "coverage.json"
+    argv = ["analyze", "coverage", "--format", "coco", "--annotations", str(annotations), "--images", str(images)]
+    argv += ["--proposals", "gt", "--policy", "scene-scene", "--pairs-per-image", "2", "--bootstrap", "5"]
+    argv += ["--out", str(out)]
+    out.write_text('{"kind": "coverage", "my": "notes"}')  # a JSON object, but not a result file
+    assert cli.main(argv) == 2
+    assert f"{out} was not written by objcrop" in capsys.readouterr().err
+    assert out.read_text() == '{"kind": "coverage", "my": "notes"}'
+    out.unlink()
+    assert cli.main(argv) == 0
+    first = json.loads(out.read_text())
+    out.write_text(json.dumps(first | {"date": "an older run"}))  # objcrop's own result file: replaced
+    assert cli.main(argv) == 0
+    again = json.loads(out.read_text())
+    assert again["kind"] == "coverage" and again["date"] != "an older run"
+
+
 @pytest.mark.skipif(not (DATA / "coco128").is_dir(), reason="shared/data/coco128 not available")
 def test_coco128_object_crops_overlap_on_objects():
     from objcrop.data.readers import load_records

@@ -62,13 +62,37 @@ def test_draw_view_pairs_validates():
         draw_view_pairs(two_tone(), np.zeros((0, 4)), ViewPairPolicy("obj-scene"), 0, np.random.default_rng(0))
 
 
-def test_save_figure_replaces_atomically(tmp_path):
+def _figure():
+    return draw_view_pairs(two_tone(), np.zeros((0, 4)), ViewPairPolicy("scene-scene"), 1, np.random.default_rng(0))
+
+
+def test_save_figure_replaces_its_own_png_atomically(tmp_path):
     path = tmp_path / "out.png"
-    path.write_bytes(b"old")
-    fig = draw_view_pairs(two_tone(), np.zeros((0, 4)), ViewPairPolicy("scene-scene"), 1, np.random.default_rng(0))
-    save_figure(fig, path, dpi=30)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    save_figure(_figure(), path, dpi=20)
+    first = path.read_bytes()
+    save_figure(_figure(), path, dpi=30)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.read_bytes() != first
+    with Image.open(path) as png:
+        assert png.info["Software"].startswith("objcrop ")  # the proof that the next run may replace it
     assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+
+
+@pytest.mark.parametrize("foreign", ["plain PNG", "matplotlib PNG", "not an image"])
+def test_save_figure_refuses_a_file_objcrop_did_not_write(tmp_path, foreign):
+    path = tmp_path / "out.png"
+    if foreign == "plain PNG":
+        two_tone().save(path)
+    elif foreign == "matplotlib PNG":  # what objcrop wrote before the marker: matplotlib's Software chunk
+        _figure().savefig(path, format="png", dpi=10)
+    else:
+        path.write_bytes(b"old")
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=f"{path} was not written by objcrop"):
+        save_figure(_figure(), path, dpi=30)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+    save_figure(_figure(), path, dpi=30, check=False)  # a folder objcrop manages (the demo's report)
+    assert path.read_bytes() != before
 
 
 def write_coco(root: Path) -> tuple[Path, Path]:
@@ -104,6 +128,24 @@ def test_cli_show_writes_a_png(tmp_path, capsys, which, images_drawn):
         assert png.format == "PNG"
         width, height = figure_size(96, 64, 1, 2)
         assert png.size == (round(width * 40), round(height * images_drawn * 40))
+
+
+def test_cli_show_refuses_a_foreign_out_and_replaces_its_own(tmp_path, capsys):
+    annotations, images = write_coco(tmp_path)
+    out = tmp_path / "crops.png"
+    two_tone().save(out)  # the user's picture
+    before = out.read_bytes()
+    argv = ["show", "--format", "coco", "--annotations", str(annotations), "--images", str(images)]
+    argv += ["--proposals", "gt", "--pairs", "1", "--policy", "scene-scene", "--dpi", "20", "--out", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{out} was not written by objcrop" in err and "choose another --out" in err
+    assert out.read_bytes() == before
+    out.unlink()
+    assert cli.main(argv) == 0
+    first = out.read_bytes()
+    assert cli.main([*argv, "--image-index", "1"]) == 0  # objcrop's own PNG: replaced
+    assert out.read_bytes() != first
 
 
 def test_cli_show_rejects_a_bad_index(tmp_path, capsys):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from objcrop import boxes as B
+from objcrop import cli
 from objcrop.analysis.recall import (
     NEVER,
     first_hit_ranks,
@@ -193,3 +194,12 @@ def test_analyze_recall_command(tmp_path, capsys):
     args = parser.parse_args([*argv, "--proposals", "gt", "--proposals", "gt"])
     assert args.func(args) == 0
     assert "R@1000" in capsys.readouterr().out
+
+    # --plot replaces objcrop's own PNG, and refuses (exit code 2, before the recall) a file it did not write
+    plot = ["analyze", *argv, "--proposals", "gt", "--plot", str(tmp_path / "r.png")]
+    assert cli.main(plot) == 0
+    Image.new("RGB", (4, 4)).save(tmp_path / "r.png")
+    before = (tmp_path / "r.png").read_bytes()
+    assert cli.main(plot) == 2
+    assert f"{tmp_path / 'r.png'} was not written by objcrop" in capsys.readouterr().err
+    assert (tmp_path / "r.png").read_bytes() == before

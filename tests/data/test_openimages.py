@@ -9,7 +9,7 @@ from PIL import Image
 
 from objcrop.cli import COMMANDS
 from objcrop.commands import openimages_subset as openimages_subset_command
-from objcrop.data.openimages import openimages_subset, read_class_descriptions, read_openimages
+from objcrop.data.openimages import IDS_HEADER, openimages_subset, read_class_descriptions, read_openimages
 
 HEADER = "ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,IsOccluded,IsTruncated,IsGroupOf,IsDepiction,IsInside"
 
@@ -199,7 +199,7 @@ def test_subset_command_prints_counts_and_writes_ids(tmp_path, capsys):
     assert _run_command(argv) == 0
     counts = json.loads(capsys.readouterr().out)
     assert counts["images_after"] == 3 and counts["classes_after"] == 4
-    assert out.read_text() == "A\nB\nC\n"
+    assert out.read_text() == f"{IDS_HEADER}\nA\nB\nC\n"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
     assert _run_command(["openimages-subset", "--boxes", str(boxes), "--min-class-images", "2"]) == 0
     text = capsys.readouterr().out
@@ -208,3 +208,21 @@ def test_subset_command_prints_counts_and_writes_ids(tmp_path, capsys):
         _run_command(["openimages-subset", "--boxes", str(boxes), "--min-classes", "0"])
     with pytest.raises(FileNotFoundError, match="missing.csv"):
         _run_command(["openimages-subset", "--boxes", str(tmp_path / "missing.csv")])
+
+
+def test_subset_command_replaces_only_id_lists_it_wrote(tmp_path, capsys):
+    boxes = _boxes_csv(tmp_path / "b.csv", SUBSET_BOXES)
+    out = tmp_path / "ids.txt"
+    argv = ["openimages-subset", "--boxes", str(boxes), "--min-class-images", "2", "--out", str(out)]
+    out.write_text("A\nB\n")  # the user's own list (or one written before the header existed)
+    with pytest.raises(ValueError, match=f"{out} was not written by objcrop") as err:
+        _run_command(argv)
+    assert "choose another --out" in str(err.value)
+    assert out.read_text() == "A\nB\n"
+    out.write_text(f"{IDS_HEADER}\nold\n")  # objcrop's own list: replaced
+    assert _run_command(argv) == 0
+    assert out.read_text() == f"{IDS_HEADER}\nA\nB\nC\n"
+    capsys.readouterr()
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(IsADirectoryError):
+        _run_command([*argv[:-1], str(tmp_path / "dir")])

@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
+from objcrop.cli import main
 from objcrop.data.records import Record, Records
 from objcrop.evaluate.backbone import backbone_info, load_backbone
-from objcrop.evaluate.supervised import build_classifier, supervised_baseline
+from objcrop.evaluate.supervised import build_classifier, save_classifier, supervised_baseline
 
 torch.set_num_threads(1)
 SIZE = 16
@@ -76,3 +77,50 @@ def test_saved_file_is_a_torchvision_state_dict_that_load_backbone_reads(baselin
     with torch.no_grad():
         torch.testing.assert_close(full.eval()[:-1](x), net(x))
     assert dim == 512 and result.checkpoint == str(out)
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("trained although --out would have been refused")
+
+
+@pytest.mark.parametrize("foreign", ["r18.pth", "r18.pth.json"])
+def test_a_foreign_out_or_sidecar_is_refused_before_the_training(tmp_path, monkeypatch, foreign):
+    monkeypatch.setattr("objcrop.evaluate.supervised.train_supervised", _no_training)
+    records = _easy_set(tmp_path, 2, seed=0)
+    (tmp_path / foreign).write_bytes(b"the user's own file")
+    with pytest.raises(ValueError, match=f"{tmp_path / foreign} was not written by objcrop"):
+        supervised_baseline(records, records, tmp_path / "r18.pth", progress=False)
+    assert (tmp_path / foreign).read_bytes() == b"the user's own file"
+    assert {p.name for p in tmp_path.iterdir()} == {"0-0.png", "0-1.png", foreign}  # nothing written
+
+
+def test_the_supervised_command_exits_2_naming_a_foreign_out(tiny_scenes, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("objcrop.evaluate.supervised.train_supervised", _no_training)
+    out = tmp_path / "r18.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, out)  # a state dict, but not one objcrop wrote
+    before = out.read_bytes()
+    data = ["--format", "coco", "--images", str(tiny_scenes / "images")]
+    data += [
+        "--train-annotations",
+        str(tiny_scenes / "train.json"),
+        "--test-annotations",
+        str(tiny_scenes / "test.json"),
+    ]
+    threads = torch.get_num_threads()
+    try:
+        code = main(["supervised", *data, "--epochs", "1", "--no-progress", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert code == 2 and f"{out} was not written by objcrop" in err and "Traceback" not in err
+    assert out.read_bytes() == before and not (tmp_path / "r18.pth.json").exists()
+
+
+def test_save_classifier_replaces_its_own_file_and_sidecar(tmp_path):
+    out = tmp_path / "r18.pth"
+    for num_classes in (2, 3):  # the second save replaces the first one's .pth and .pth.json
+        model = build_classifier("resnet18", num_classes, small_images=True)
+        save_classifier(model, out, "resnet18", True, [f"c{i}" for i in range(num_classes)])
+    assert torch.load(out, weights_only=True)["fc.weight"].shape == (3, 512)
+    assert json.loads((tmp_path / "r18.pth.json").read_text())["num_classes"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r18.pth", "r18.pth.json"]

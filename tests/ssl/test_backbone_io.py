@@ -31,7 +31,12 @@ def test_sidecar_round_trip_and_absence(tmp_path):
     assert read_arch_sidecar(weights) == {}
     assert write_arch_sidecar(weights, "resnet18", True, source="x") == arch_sidecar(weights)
     assert arch_sidecar(weights).name == "backbone.pth.json"
-    assert read_arch_sidecar(weights) == {"arch": "resnet18", "small_images": True, "source": "x"}
+    assert read_arch_sidecar(weights) == {
+        "arch": "resnet18",
+        "small_images": True,
+        "source": "x",
+        "written_by": "objcrop",
+    }
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", "\udcff"])

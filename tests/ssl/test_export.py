@@ -17,6 +17,7 @@ from objcrop.ssl.base import build_method
 from objcrop.ssl.config import DEFAULTS, load_config
 from objcrop.ssl.export import export_detectron2, export_torchvision, to_detectron2_names
 from objcrop.ssl.trainer import pretrain
+from tests.conftest import tiny_method_config
 
 
 def moco_converter_name(k: str) -> str:
@@ -215,3 +216,61 @@ def test_timm_cnn_exports_from_every_method(tmp_path, method):
     missing, unexpected = reference.load_state_dict(weights, strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
     assert all(torch.equal(v, model.backbone.model.state_dict()[k]) for k, v in weights.items())
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path) -> Path:
+    """A tiny MoCo checkpoint (ResNet-18, normal stem, untrained): enough to export, in a second."""
+    config = tiny_method_config("moco", small_images=False)
+    state = {"model": build_method(config).state_dict(), "step": 0, "config": json.dumps(config)}
+    atomic_torch_save(state, tmp_path / "ckpt-00000000.pt")
+    return tmp_path / "ckpt-00000000.pt"
+
+
+def _export(checkpoint: Path, out: Path, *extra: str) -> int:
+    return main(["export", "--checkpoint", str(checkpoint), *extra, "--out", str(out)])
+
+
+@pytest.mark.parametrize(
+    ("name", "foreign"),
+    [("b.pth", "b.pth"), ("b.pth", "b.pth.json"), ("b.pkl", "b.pkl")],
+    ids=["state-dict", "sidecar", "detectron2"],
+)
+def test_export_refuses_to_replace_a_file_it_did_not_write(small_checkpoint, tmp_path, capsys, name, foreign):
+    path = tmp_path / foreign
+    path.write_bytes(b"the user's own file")
+    extra = ("--to", "detectron2") if name.endswith(".pkl") else ()
+    assert _export(small_checkpoint, tmp_path / name, *extra) == 2
+    err = capsys.readouterr().err
+    assert f"{path} was not written by objcrop" in err and "choose another --out" in err
+    assert path.read_bytes() == b"the user's own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"ckpt-00000000.pt", foreign})  # nothing written
+
+
+def test_export_refuses_a_plain_torch_state_dict_and_a_foreign_pickle(small_checkpoint, tmp_path):
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "b.pth")  # a state dict without objcrop's marker
+    before = (tmp_path / "b.pth").read_bytes()
+    with pytest.raises(ValueError, match="b.pth was not written by objcrop"):
+        export_torchvision(small_checkpoint, tmp_path / "b.pth")
+    assert (tmp_path / "b.pth").read_bytes() == before
+    with open(tmp_path / "b.pkl", "wb") as f:
+        pickle.dump({"model": {}, "__author__": "MOCO", "matching_heuristics": True}, f)
+    before = (tmp_path / "b.pkl").read_bytes()
+    with pytest.raises(ValueError, match="b.pkl was not written by objcrop"):
+        export_detectron2(small_checkpoint, tmp_path / "b.pkl")
+    assert (tmp_path / "b.pkl").read_bytes() == before
+
+
+def test_export_replaces_its_own_files(small_checkpoint, tmp_path):
+    out = tmp_path / "b.pth"
+    for _ in range(2):  # the second export replaces the first one's .pth and .pth.json
+        assert _export(small_checkpoint, out) == 0
+    weights = torch.load(out, weights_only=True)
+    torchvision.models.resnet18().load_state_dict(weights, strict=False)
+    assert weights._metadata == {"__objcrop__": {"written_by": "objcrop"}}  # the marker: not a key
+    assert json.loads((tmp_path / "b.pth.json").read_text())["written_by"] == "objcrop"
+    for _ in range(2):
+        assert _export(small_checkpoint, tmp_path / "b.pkl", "--to", "detectron2") == 0
+    with open(tmp_path / "b.pkl", "rb") as f:  # our own file: the test may unpickle it
+        assert pickle.load(f)["__author__"] == "objcrop"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.pkl", "b.pth", "b.pth.json", "ckpt-00000000.pt"]
