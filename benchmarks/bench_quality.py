@@ -44,6 +44,7 @@ import torch
 from scipy import stats
 
 from objcrop.analysis.plots import plot_bars
+from objcrop.commands.analyze_results import write_result
 from objcrop.data.readers import load_records
 from objcrop.data.synth import synthesize
 from objcrop.demo import DemoSettings, pretrain_config
@@ -344,6 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check every step runs")
+    parser.add_argument("--json", metavar="FILE", help="also write a result file (benchmarks/results/)")
     parser.add_argument("--report", metavar="QUALITY_JSON", help="print the tables of a stored quality.json and stop")
     args = parser.parse_args(argv)
     if args.report:
@@ -386,7 +388,10 @@ def main(argv: list[str] | None = None) -> dict:
         cis = {k: mean_ci(v[size])[1:] for k, v in outcome["results"].items() if len(v.get(size) or []) > 1}
         plot_bars(means, out / f"quality-{name}.png", errors=cis, ylabel="test mAP (%)", reference=outcome["chance"])
     print(f"wrote {out / 'quality.md'}")
-    return {"args": vars(args), "outcomes": outcomes}
+    stored = {"args": vars(args), "outcomes": outcomes}
+    if args.json:
+        write_result(args.json, "quality", stored)
+    return stored
 
 
 if __name__ == "__main__":

@@ -136,8 +136,14 @@ def test_bench_quality_quick_pairs_seeds_and_gives_a_readability_verdict(bench, 
     assert (out / "quality-synth.png").stat().st_size > 0
 
     # No supervised value clears chance + 1000: not readable, the SSL arms are skipped, the references kept.
-    stored = bench_quality.main([*argv, "--readable-margin", "1000", "--out", str(tmp_path / "unreadable")])
+    result_file = tmp_path / "quality-unreadable.json"
+    stored = bench_quality.main(
+        [*argv, "--readable-margin", "1000", "--out", str(tmp_path / "unreadable"), "--json", str(result_file)]
+    )
     results = stored["outcomes"]["synth"]["results"]
+    result = json.loads(result_file.read_text())
+    assert result["kind"] == "quality" and result["commit"] and result["outcomes"] == stored["outcomes"]
+    assert bench("results_tables").RENDERERS["quality"](result) + "\n" == bench_quality.report_from_json(result_file)
     assert set(results) == {
         "random init",
         "supervised (same backbone), linear probe",
