@@ -163,7 +163,7 @@ def readable(outcome: dict, margin: float) -> tuple[bool, str]:
         return True, f"Readable: supervised {value:.1f} mAP at {size} px >= chance + {margin:g} ({floor:.1f})."
     return False, (
         f"**Not readable**: supervised {value:.1f} mAP at {size} px < chance + {margin:g} ({floor:.1f}); "
-        "the task is too hard at this budget and no SSL row below means anything."
+        "the task is too hard at this budget, so the SSL arms are not read (they run only with --force)."
     )
 
 
@@ -292,6 +292,8 @@ def table(name: str, outcome: dict, sizes: list[int], margin: float = 15.0) -> s
             cells.append(f"{m:.1f}" if len(values) == 1 else f"{m:.1f} [{lo:.1f}, {hi:.1f}]")
         n = max(len(v) for v in per_size.values())
         lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
+    if not outcome["paired"]:
+        return "\n".join(lines)
     lines += [
         "",
         f"Paired by seed ({name}): difference in test mAP points, mean [paired 95 % t-interval], p (two-sided)",

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from objcrop.io import write_json_atomic, write_text_atomic
+
 __all__ = ["DemoSettings", "pretrain_config", "run_demo"]
 
 logger = logging.getLogger(__name__)
@@ -273,9 +275,9 @@ def run_demo(out: str | Path = "demo_report", settings: DemoSettings | None = No
         for row in c:
             row.pop("fractions", None)
             row.pop("image_index", None)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    write_json_atomic(out / "summary.json", summary, indent=2, default=float)
     report = _report(settings, summary, recall_table(recalls), {k: coverage_table(v) for k, v in cover.items()})
-    (out / "report.md").write_text(report)
+    write_text_atomic(out / "report.md", report)
     print(report)
     _say(f"done in {total / 60:.1f} min; report in {out / 'report.md'}")
     return summary

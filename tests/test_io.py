@@ -1,8 +1,34 @@
-"""objcrop.io: replacing only the files objcrop can prove it wrote."""
+"""objcrop.io: atomic writes, and replacing only the files objcrop can prove it wrote."""
+
+import json
+import os
 
 import pytest
 
-from objcrop.io import check_replaceable, json_is_ours
+from objcrop.io import atomic_open, check_replaceable, json_is_ours, write_json_atomic, write_text_atomic
+
+
+def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary_file(tmp_path):
+    path = tmp_path / "summary.json"
+    write_json_atomic(path, {"old": 1})
+    with pytest.raises(RuntimeError), atomic_open(path, "w") as f:
+        f.write('{"new": ')
+        raise RuntimeError("killed mid-write")
+    assert json.loads(path.read_text()) == {"old": 1} and os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_the_new_content_appears_only_at_the_rename(tmp_path, monkeypatch):
+    path = tmp_path / "report.md"
+    write_text_atomic(path, "old report")
+    seen = []
+
+    def replace(src, dst):  # what a reader sees just before the rename
+        seen.append(path.read_text())
+        os.rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    write_text_atomic(path, "new report")
+    assert seen == ["old report"] and path.read_text() == "new report"
 
 
 def test_an_absent_path_or_our_file_may_be_written(tmp_path):
