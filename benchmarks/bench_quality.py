@@ -85,6 +85,7 @@ ARMS: dict[str, tuple[str, str, dict, str | None]] = {
     ),
 }
 # The arms name their heads explicitly (the demo's configs use separate heads for two-kind policies).
+SPRITE_SCALE = (0.25, 0.5)  # CIFAR sprites' side / image side
 DEFAULT_ARMS = ["scene-scene", "obj-scene", "obj-obj-dilate", "obj-obj-dilate + separate heads"]
 
 
@@ -107,7 +108,10 @@ def paired(arm: list[float], base: list[float]) -> dict:
     return {"pairs": n, "diffs": diffs, "mean": mean, "ci": [lo, hi] if n >= 2 else None, "p": p}
 
 
-def make_data(name: str, root: Path, settings: DemoSettings, seed: int, sprite_scale: tuple[float, float]) -> Path:
+def make_data(
+    name: str, root: Path, settings: DemoSettings, seed: int, sprite_scale: tuple[float, float] = SPRITE_SCALE
+) -> Path:
+    """The ``synth`` or ``sprites`` dataset under ``root`` (made once; ``sprite_scale`` is for sprites only)."""
     out = root / f"data-{name}"
     if (out / "test.json").exists():
         return out
@@ -336,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--sprite-scale",
         type=float,
         nargs=2,
-        default=[0.25, 0.5],
+        default=list(SPRITE_SCALE),
         metavar=("MIN", "MAX"),
         help="sprites' side / image side",
     )
