@@ -172,7 +172,23 @@ def readable(outcome: dict, margin: float) -> tuple[bool, str]:
 
 
 def references(name: str, train, test, root: Path, args: argparse.Namespace, settings: DemoSettings) -> dict:
-    """Random init and the supervised backbone (linear probe and its own head), at the first read-out."""
+    """Random init and the supervised backbone (linear probe and its own head), at the first read-out.
+
+    Kept in ``references-<name>.json`` with the settings they depend on, so that a rerun (or a second
+    process running other arms into the same folder) reuses them instead of training the supervised
+    backbone again; other settings compute them anew."""
+    key = {"readout": list(args.readout), "supervised_epochs": args.supervised_epochs, "batch": settings.batch_size}
+    cached = root / f"references-{name}.json"
+    if cached.exists():
+        stored = json.loads(cached.read_text())
+        if stored.get("settings") == key:
+            return stored["rows"]
+    rows = compute_references(name, train, test, root, args, settings)
+    write_json_atomic(cached, {"settings": key, "rows": rows}, indent=1)
+    return rows
+
+
+def compute_references(name: str, train, test, root: Path, args: argparse.Namespace, settings: DemoSettings) -> dict:
     sizes = args.readout
     rows = {
         "random init": {

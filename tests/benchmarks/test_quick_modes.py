@@ -150,4 +150,11 @@ def test_bench_quality_quick_pairs_seeds_and_gives_a_readability_verdict(bench, 
         "supervised (same backbone), own head",
     }
     assert "**Not readable**" in (tmp_path / "unreadable" / "quality.md").read_text()
+
+    # A rerun into the same folder reuses the stored references instead of training the supervised backbone again.
+    supervised = tmp_path / "unreadable" / "runs-synth" / "supervised.pth"
+    written = supervised.stat().st_mtime_ns
+    again = bench_quality.main([*argv, "--readable-margin", "1000", "--out", str(tmp_path / "unreadable")])
+    assert again["outcomes"]["synth"]["results"] == results
+    assert supervised.stat().st_mtime_ns == written
     capsys.readouterr()
