@@ -113,19 +113,27 @@ def make_data(
 ) -> Path:
     """The ``synth`` or ``sprites`` dataset under ``root`` (made once; ``sprite_scale`` is for sprites only)."""
     out = root / f"data-{name}"
-    if (out / "test.json").exists():
-        return out
     kwargs = dict(seed=seed, size=settings.image_size, workers=2, progress=False, **settings.scene_kwargs())
-    if name == "synth":
-        synthesize(out, settings.images, **kwargs)
-    else:
+    if name == "sprites":
         # CIFAR sprites at the synthetic scenes' 15-40 % were 19-51 px and nothing learned (supervised
         # 29.4 mAP against chance 26.7): real objects need more pixels than procedural shapes.
         kwargs["min_scale"], kwargs["max_scale"] = sprite_scale
+    # The scenes are made once per folder: a rerun with other scene settings must not read the old ones.
+    made = root / f"data-{name}.json"
+    scenes = {"images": settings.images, **{k: v for k, v in kwargs.items() if k not in ("workers", "progress")}}
+    if (out / "test.json").exists():
+        before = json.loads(made.read_text()) if made.exists() else None
+        if before is not None and before != scenes:
+            raise SystemExit(f"{out} holds scenes made with {before}, not {scenes}: use another --out")
+        return out
+    if name == "synth":
+        synthesize(out, settings.images, **kwargs)
+    else:
         sprites, backgrounds = SHARED / "cifar10_test_subset" / "test", SHARED / "coco128" / "train2017"
         if not sprites.is_dir() or not backgrounds.is_dir():
             raise SystemExit(f"the sprites dataset needs {sprites} and {backgrounds}")
         synthesize(out, settings.images, sprites=sprites, backgrounds=backgrounds, **kwargs)
+    write_json_atomic(made, scenes)
     return out
 
 
@@ -177,7 +185,12 @@ def references(name: str, train, test, root: Path, args: argparse.Namespace, set
     Kept in ``references-<name>.json`` with the settings they depend on, so that a rerun (or a second
     process running other arms into the same folder) reuses them instead of training the supervised
     backbone again; other settings compute them anew."""
-    key = {"readout": list(args.readout), "supervised_epochs": args.supervised_epochs, "batch": settings.batch_size}
+    key = {
+        "readout": list(args.readout),
+        "supervised_epochs": args.supervised_epochs,
+        "supervised_crop_scale": list(args.supervised_crop_scale),
+        "batch": settings.batch_size,
+    }
     cached = root / f"references-{name}.json"
     if cached.exists():
         stored = json.loads(cached.read_text())
@@ -204,6 +217,7 @@ def compute_references(name: str, train, test, root: Path, args: argparse.Namesp
         small_images=False,
         size=sizes[0],
         epochs=args.supervised_epochs,
+        crop_scale=tuple(args.supervised_crop_scale),
         seed=0,
         batch_size=settings.batch_size,
         progress=False,
@@ -352,6 +366,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--readout", type=int, nargs="+", default=[64, 128], help="the first also trains supervised")
     parser.add_argument("--proposals", default="bing", choices=("bing", "gt"))
     parser.add_argument("--supervised-epochs", type=int, default=10)
+    parser.add_argument(
+        "--supervised-crop-scale",
+        type=float,
+        nargs=2,
+        default=[0.2, 1.0],
+        metavar=("MIN", "MAX"),
+        help="area share of the supervised reference's RandomResizedCrop",
+    )
     parser.add_argument(
         "--sprite-scale",
         type=float,

@@ -157,4 +157,7 @@ def test_bench_quality_quick_pairs_seeds_and_gives_a_readability_verdict(bench, 
     again = bench_quality.main([*argv, "--readable-margin", "1000", "--out", str(tmp_path / "unreadable")])
     assert again["outcomes"]["synth"]["results"] == results
     assert supervised.stat().st_mtime_ns == written
+    # Other scene settings into the same folder would read the old scenes: refused, before any work.
+    with pytest.raises(SystemExit, match="holds scenes made with"):
+        bench_quality.main([*argv, "--out", str(tmp_path / "unreadable"), "--min-scale", "0.2"])
     capsys.readouterr()
