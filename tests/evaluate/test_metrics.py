@@ -94,3 +94,60 @@ def test_importing_metrics_loads_neither_torch_nor_sklearn():
     code = "import sys, objcrop.evaluate.metrics; print('torch' in sys.modules, 'sklearn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_labels_for_task_single_gives_each_images_one_label_as_int64(tmp_path):
+    from PIL import Image
+
+    for name, count in (("ant", 2), ("bee", 3)):
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            Image.new("RGB", (8, 8)).save(tmp_path / name / f"{i}.png")
+    records = load_records("folder", images=tmp_path)
+    single = labels_for_task(records, "single")
+    assert single.dtype == np.int64 and single.shape == (5,)
+    assert sorted(single.tolist()) == [0, 0, 1, 1, 1] and np.array_equal(single, records.labels)
+
+
+def test_labels_for_task_single_names_the_first_image_without_exactly_one_label(scenes):
+    train, _ = scenes
+    counts = np.diff(train.label_offsets)
+    first, many = int(np.flatnonzero(counts != 1)[0]), int((counts != 1).sum())
+    with pytest.raises(ValueError) as err:
+        labels_for_task(train, "single")
+    assert str(err.value) == (
+        f"--task single needs exactly one label per image; {train.path(first)} has {int(counts[first])} "
+        f"({many} such images); use --task multi"
+    )
+
+
+def test_labels_for_task_refuses_a_dataset_without_classes():
+    from types import SimpleNamespace
+
+    empty = SimpleNamespace(num_classes=0, root="/data/none")
+    for task in TASKS:
+        with pytest.raises(ValueError, match=r"^dataset under /data/none has no classes to evaluate$"):
+            labels_for_task(empty, task)
+
+
+def test_chance_and_top1_edge_cases():
+    assert math.isnan(chance_level("multi", np.zeros((0, 3))))
+    assert math.isnan(chance_level("single", np.zeros(0, int)))
+    assert math.isnan(chance_level("multi", np.zeros((4, 3))))  # no class has a positive
+    assert chance_level("single", np.array([2, 2, 0])) == pytest.approx(200 / 3)  # the largest class is the last
+    assert chance_level("multi", np.array([[1, 1], [0, 1]])) == pytest.approx(75.0)
+    # Labels as a column ([N, 1]) count like [N]; the highest score is taken per row, not per column.
+    assert top1_accuracy(np.array([[1], [0]]), np.array([[0.1, 0.9], [0.2, 0.3]])) == 50.0
+    assert top1_accuracy(np.array([1, 1, 0]), np.array([[0.0, 5.0], [0.0, 4.0], [3.0, 9.0]])) == pytest.approx(200 / 3)
+
+
+def test_map_needs_two_dimensional_inputs_and_counts_evaluated_and_skipped_classes():
+    with pytest.raises(ValueError, match=r"targets \(3,\) and scores \(3,\) must both be \[N, C\]"):
+        mean_average_precision(np.array([1, 0, 1]), np.array([0.5, 0.2, 0.9]))
+    targets = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [1, 0, 1, 0]])
+    scores = np.array([[0.9, 0.1, 0.1, 0.3], [0.1, 0.2, 0.8, 0.4], [0.5, 0.3, 0.7, 0.5]])
+    value, evaluated, skipped = mean_average_precision(targets, scores)
+    assert (value, evaluated, skipped) == (pytest.approx(100.0), 2, 2)
+    # Integer scores are compared as numbers: a tie ranks both, AP of class 0 = (1/2 + 2/3) / 2.
+    tied = mean_average_precision(np.array([[1], [0], [1]]), np.array([[1], [1], [0]]))[0]
+    assert tied == pytest.approx(100 * (0.5 + 2 / 3) / 2)
