@@ -81,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"loss per epoch: {', '.join(f'{x:.4f}' for x in result.losses)}")
     print(
+        f"{result.train_unreadable} unreadable training images skipped ({result.dropped_batches} batches with fewer "
+        f"than two readable images dropped), {result.test_unreadable} unreadable test images left out"
+    )
+    print(
         f"test {result.metric}: own head {result.head_value:.2f}%, linear probe {linear['value']:.2f}% "
         f"({result.classes_evaluated} classes evaluated, {result.classes_skipped} skipped; chance {result.chance:.2f}%)"
     )

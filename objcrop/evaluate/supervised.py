@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,7 +34,14 @@ from objcrop.io import atomic_torch_save
 from objcrop.ssl.backbone_io import check_state_dict_out, mark_state_dict, write_arch_sidecar
 from objcrop.ssl.backbones import build_backbone, is_timm
 
-__all__ = ["SupervisedResult", "build_classifier", "save_classifier", "supervised_baseline", "train_supervised"]
+__all__ = [
+    "SupervisedResult",
+    "SupervisedTraining",
+    "build_classifier",
+    "save_classifier",
+    "supervised_baseline",
+    "train_supervised",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +53,15 @@ def build_classifier(arch: str, num_classes: int, small_images: bool = False) ->
     net, dim = build_backbone(arch, small_images=small_images)
     net.add_module("fc", nn.Linear(dim, num_classes))
     return net
+
+
+class SupervisedTraining(NamedTuple):
+    """What :func:`train_supervised` returns: the network, its loss per epoch and what it could not train on."""
+
+    model: nn.Sequential
+    losses: list[float]
+    unreadable_images: int  # distinct training images that could not be read (each logged when met)
+    dropped_batches: int  # batches left with fewer than two readable images (BatchNorm needs two), all epochs
 
 
 def train_supervised(
@@ -62,7 +79,7 @@ def train_supervised(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
-) -> tuple[nn.Sequential, list[float]]:
+) -> SupervisedTraining:
     """Trains :func:`build_classifier` from scratch on the image-level labels of ``records``.
 
     Args:
@@ -83,7 +100,8 @@ def train_supervised(
         progress: Show a progress bar.
 
     Returns:
-        The trained network (eval mode, on CPU) and the mean training loss of each epoch.
+        The trained network (eval mode, on CPU), the mean training loss of each epoch, the number of distinct
+        unreadable training images and the number of batches dropped for having fewer than two readable images.
     """
     labels = labels_for_task(records, task)
     targets = torch.as_tensor(labels, dtype=torch.float32 if task == "multi" else torch.int64)
@@ -98,6 +116,8 @@ def train_supervised(
         drop_last=len(dataset) > batch_size,
     )
     losses: list[float] = []
+    unreadable: set[int] = set()
+    dropped = 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_classifier(arch, records.num_classes, small_images).to(device).train()
@@ -107,7 +127,9 @@ def train_supervised(
         for epoch in range(epochs):
             total, count = 0.0, 0
             for images, index, ok in loader:
+                unreadable.update(index[~ok].tolist())
                 if int(ok.sum()) < 2:  # BatchNorm needs two images
+                    dropped += 1
                     continue
                 # Averaged over the classes too (see classification_loss for why the probes sum instead).
                 loss = classification_loss(
@@ -125,8 +147,15 @@ def train_supervised(
             losses.append(total / max(count, 1))
         bar.close()
     elapsed = time.perf_counter() - start
-    logger.info("supervised: %d epochs in %.1f s (%.1f img/s)", epochs, elapsed, seen / max(elapsed, 1e-9))
-    return model.cpu().eval(), losses
+    logger.info(
+        "supervised: %d epochs in %.1f s (%.1f img/s); %d unreadable training images skipped, %d batches dropped",
+        epochs,
+        elapsed,
+        seen / max(elapsed, 1e-9),
+        len(unreadable),
+        dropped,
+    )
+    return SupervisedTraining(model.cpu().eval(), losses, len(unreadable), dropped)
 
 
 def save_classifier(
@@ -162,6 +191,9 @@ class SupervisedResult:
     linear: dict
     losses: list[float] = field(default_factory=list)
     seconds_train: float = 0.0
+    train_unreadable: int = 0  # distinct training images skipped as unreadable
+    dropped_batches: int = 0  # training batches with fewer than two readable images
+    test_unreadable: int = 0  # test images the own head could not score (left out of head_value)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -211,7 +243,7 @@ def supervised_baseline(
         raise ValueError(f"train ({train_records.root}) and test ({test_records.root}) have different classes")
     check_state_dict_out(out)  # before the training: a foreign file at ``out`` would be found only after it
     start = time.perf_counter()
-    model, losses = train_supervised(
+    model, losses, train_unreadable, dropped = train_supervised(
         train_records,
         arch=arch,
         small_images=small_images,
@@ -260,4 +292,7 @@ def supervised_baseline(
         linear=linear.to_dict(),
         losses=losses,
         seconds_train=seconds_train,
+        train_unreadable=train_unreadable,
+        dropped_batches=dropped,
+        test_unreadable=int((~ok).sum()),
     )

@@ -1,6 +1,7 @@
 """The supervised baseline learns an easy multi-label set, saves a loadable file, and is scored twice."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 from objcrop.cli import main
 from objcrop.data.records import Record, Records
 from objcrop.evaluate.backbone import backbone_info, load_backbone
-from objcrop.evaluate.supervised import build_classifier, save_classifier, supervised_baseline
+from objcrop.evaluate.supervised import build_classifier, save_classifier, supervised_baseline, train_supervised
 
 torch.set_num_threads(1)
 SIZE = 16
@@ -124,3 +125,36 @@ def test_save_classifier_replaces_its_own_file_and_sidecar(tmp_path):
     assert torch.load(out, weights_only=True)["fc.weight"].shape == (3, 512)
     assert json.loads((tmp_path / "r18.pth.json").read_text())["num_classes"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r18.pth", "r18.pth.json"]
+
+
+def _corrupt(records: Records, indices) -> None:
+    for i in indices:
+        Path(records.path(i)).write_bytes(b"not an image")
+
+
+def test_unreadable_training_images_are_counted_once_and_batches_without_two_are_dropped(tmp_path):
+    records = _easy_set(tmp_path, 4, seed=0)
+    _corrupt(records, [0, 1, 2])  # two batches of two per epoch: neither has two readable images
+    model, losses, unreadable, dropped = train_supervised(records, size=SIZE, epochs=3, batch_size=2, progress=False)
+    assert (unreadable, dropped) == (3, 6)
+    assert losses == [0.0, 0.0, 0.0]
+
+
+def test_the_baseline_reports_the_unreadable_images_of_both_splits(tmp_path, capsys):
+    train, test = _easy_set(tmp_path, 32, seed=0), _easy_set(tmp_path, 16, seed=1)
+    _corrupt(train, [3, 7, 20])
+    _corrupt(test, [5])
+    result = supervised_baseline(
+        train,
+        test,
+        tmp_path / "r18.pth",
+        small_images=True,
+        size=SIZE,
+        epochs=2,
+        batch_size=16,
+        probe={"epochs": 2, "lrs": (0.1,), "wds": (0.0,), "cache_dir": tmp_path / "cache"},
+        progress=False,
+    )
+    assert (result.train_unreadable, result.dropped_batches, result.test_unreadable) == (3, 0, 1)
+    assert result.linear["images_skipped"] == 4
+    assert json.loads(json.dumps(result.to_dict()))["train_unreadable"] == 3
