@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from objcrop.io import write_json_atomic, write_text_atomic
 
-__all__ = ["DemoSettings", "pretrain_config", "run_demo"]
+__all__ = ["DemoSettings", "check_work_settings", "pretrain_config", "run_demo"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,43 @@ class DemoSettings:
     @classmethod
     def quick(cls) -> DemoSettings:
         return cls(images=48, image_size=64, view_size=32, steps=3, batch_size=8, readout_size=64)
+
+
+SETTINGS_FILE = "settings.json"
+
+
+def check_work_settings(work: Path, settings: DemoSettings) -> None:
+    """Refuses a ``work`` folder whose finished steps were made with other settings, else records these.
+
+    The demo reuses every step that finished in ``work`` (scenes, BING model, proposal stores, pretraining
+    runs, feature caches), so a rerun with other settings would mix old results into the new report. The
+    settings of the run that made ``work`` are kept in ``work/settings.json``; nothing is deleted here.
+
+    Raises:
+        ValueError: ``work`` holds files but no settings file (it was not made by this demo, or by an
+            objcrop that did not record them), or its settings differ; the message names the keys.
+    """
+    wanted = json.loads(json.dumps(asdict(settings)))  # tuples as lists, as they read back
+    path = work / SETTINGS_FILE
+    if path.is_file():
+        try:
+            found = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: unreadable demo settings ({err}); use a new --out") from None
+        differ = sorted(k for k in wanted.keys() | found.keys() if wanted.get(k) != found.get(k))
+        if differ:
+            changes = ", ".join(f"{k} {found.get(k)!r} -> {wanted.get(k)!r}" for k in differ)
+            raise ValueError(
+                f"{work} holds a demo made with other settings ({changes}); its finished steps would be reused: "
+                "use a new --out, or delete that folder yourself"
+            )
+        return
+    if work.is_dir() and any(work.iterdir()):
+        raise ValueError(
+            f"{work} holds files but no {SETTINGS_FILE}: not a demo folder objcrop can check; use a new --out"
+        )
+    work.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, wanted, indent=2)
 
 
 def _say(message: str) -> None:
@@ -146,6 +183,7 @@ def run_demo(out: str | Path = "demo_report", settings: DemoSettings | None = No
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
+    check_work_settings(work, settings)  # before any work: finished steps are reused only with these settings
     started = time.perf_counter()
     timings: dict[str, float] = {}
 

@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from objcrop.demo import DemoSettings, run_demo
+from objcrop.cli import main
+from objcrop.demo import DemoSettings, check_work_settings, run_demo
 
 
 @pytest.mark.slow
@@ -30,3 +31,35 @@ def test_quick_demo_runs_every_step_and_writes_the_report(tmp_path):
     gap = summary["linear_map"]["obj-obj-dilate"] - summary["linear_map"]["random init"]
     assert f"- obj-obj-dilate - random init: {gap:+.1f} mAP" in report
     assert "One seed per arm" in report
+
+
+def test_the_work_folder_records_its_settings_and_reuse_needs_the_same(tmp_path):
+    work = tmp_path / "work"
+    check_work_settings(work, DemoSettings.quick())
+    assert json.loads((work / "settings.json").read_text())["images"] == 48
+    check_work_settings(work, DemoSettings.quick())  # the same settings: reused
+    other = DemoSettings.quick()
+    other.seed, other.steps = 1, 5
+    with pytest.raises(ValueError, match=r"other settings \(seed 0 -> 1, steps 3 -> 5\)"):
+        check_work_settings(work, other)
+    assert json.loads((work / "settings.json").read_text())["seed"] == 0  # the record is kept as it was
+
+
+def test_a_work_folder_without_settings_is_refused_and_left_alone(tmp_path):
+    (tmp_path / "work" / "scenes").mkdir(parents=True)
+    (tmp_path / "work" / "scenes" / "test.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds files but no settings.json"):
+        check_work_settings(tmp_path / "work", DemoSettings())
+    assert [p.name for p in (tmp_path / "work").iterdir()] == ["scenes"]
+    (tmp_path / "work" / "settings.json").write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable demo settings"):
+        check_work_settings(tmp_path / "work", DemoSettings())
+
+
+def test_demo_with_other_settings_exits_2_before_any_work(tmp_path, capsys):
+    out = tmp_path / "report"
+    check_work_settings(out / "work", DemoSettings.quick())
+    assert main(["demo", "--out", str(out)]) == 2  # the full demo into a quick demo's folder
+    err = capsys.readouterr().err
+    assert "holds a demo made with other settings (" in err and "images 48 -> 1000" in err and "Traceback" not in err
+    assert sorted(p.name for p in (out / "work").iterdir()) == ["settings.json"]

@@ -162,6 +162,7 @@ def test_loader_workers_get_each_epoch(records):
 
     data = ObjectAwareDataModule(_dataset(records, seed=3), batch_size=4, workers=1, shuffle=False)
     loader = data.train_dataloader()
+    assert loader.multiprocessing_context.get_start_method() == "forkserver"  # what the README tells scripts
     batches = []
     for epoch in (0, 1):
         loader.sampler.set_epoch(epoch)  # what Lightning does before each epoch
