@@ -1,7 +1,7 @@
-"""Fault injection: ``objcrop propose`` and ``objcrop pretrain`` killed with SIGKILL three times in a row at
-seeded random points (mid-chunk, mid-step or mid-save), then run to the end, give exactly the outputs
-of an uninterrupted run: the same proposal arrays, the same final weights (``torch.equal``) and the same
-training log.
+"""Fault injection: ``objcrop propose``, ``objcrop pretrain`` and ``objcrop detect`` killed with SIGKILL three
+times in a row at seeded random points (mid-chunk, mid-step or mid-save), then run to the end, give exactly the
+outputs of an uninterrupted run: the same proposal arrays, the same final weights (``torch.equal``), the same
+training log and the same detection scores.
 
 The helpers of the existing kill -9 tests are reused (tests/ssl/test_trainer.py, tests/proposals/test_builder.py).
 """
@@ -166,3 +166,59 @@ def test_pretrain_killed_three_times_then_finished_equals_an_uninterrupted_run(s
     )
     resumed, clean = trainer_tests.log_rows(tmp_path / "killed"), trainer_tests.log_rows(tmp_path / "clean")
     assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in clean]
+
+
+def _checkpoints_written(path: Path, seen: set[tuple[int, int]]) -> int:
+    """How many times ``path`` was replaced so far, over all runs, as seen by polling (an inode number can be
+    reused by the next atomic save, so a save is told by its inode and modification time together)."""
+    try:
+        stat = os.stat(path)
+        seen.add((stat.st_ino, stat.st_mtime_ns))
+    except FileNotFoundError:
+        pass
+    return len(seen)
+
+
+@pytest.mark.slow
+def test_detect_killed_three_times_then_finished_equals_an_uninterrupted_run(scenes, tmp_path):
+    """8 iterations (2 epochs of 4 batches), a checkpoint after each; SIGKILLs after seeded checkpoints."""
+    import torch
+
+    rng = np.random.default_rng(11)
+    data = ["--train-annotations", str(scenes / "train.json"), "--train-images", str(scenes / "images"),
+            "--test-annotations", str(scenes / "test.json"), "--test-images", str(scenes / "images")]  # fmt: skip
+    common = ["detect", "--random", "--arch", "resnet18", *data, "--max-train-images", "16", "--max-test-images", "4",
+              "--epochs", "2", "--batch-size", "4", "--min-size", "48", "--max-size", "48", "--fpn-channels", "16",
+              "--proposals-train", "32", "--proposals-test", "16", "--workers", "0", "--threads", "1",
+              "--checkpoint-every", "1", "--no-progress"]  # fmt: skip
+    out = tmp_path / "killed"
+    seen: set[tuple[int, int]] = set()
+    targets = np.sort(rng.choice(np.arange(1, 7), size=KILLS, replace=False))
+    with open(tmp_path / "killed.log", "wb") as log:
+        for target in targets:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "objcrop", *common, "--out", str(out)], stdout=log, stderr=log, env=environment()
+            )
+            delay = float(rng.uniform(0, 0.3))
+            assert kill_when(proc, lambda t=int(target): _checkpoints_written(out / "detector.pt", seen) >= t, delay), (
+                f"the run finished before its kill at checkpoint {target}: {(tmp_path / 'killed.log').read_text()}"
+            )
+    killed_at = torch.load(out / "detector.pt", weights_only=True)["iteration"]
+    assert 0 < killed_at < 8 and not (out / "metrics.json").exists()
+
+    finish = subprocess.run(
+        [sys.executable, "-m", "objcrop", *common, "--out", str(out)], env=environment(), capture_output=True, text=True
+    )
+    assert finish.returncode == 0, finish.stderr
+    assert f"resumed detection fine-tuning from {out / 'detector.pt'} at iteration {killed_at}" in finish.stderr
+    subprocess.run(
+        [sys.executable, "-m", "objcrop", *common, "--out", str(tmp_path / "clean")], env=environment(), check=True
+    )
+    resumed = torch.load(out / "detector.pt", weights_only=True)
+    clean = torch.load(tmp_path / "clean" / "detector.pt", weights_only=True)
+    assert resumed["iteration"] == clean["iteration"] == 8
+    for name, tensor in clean["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    scores = [json.loads((folder / "metrics.json").read_text()) for folder in (out, tmp_path / "clean")]
+    same = ("AP", "AP50", "AP75", "APs", "APm", "APl", "iterations")
+    assert {k: scores[0].get(k) for k in same} == {k: scores[1].get(k) for k in same}
