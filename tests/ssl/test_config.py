@@ -55,6 +55,33 @@ def test_every_shipped_config_validates(path, data):
     assert config["data"]["images"] == data["data.images"]
 
 
+PAPER_CONFIGS = [p for p in CONFIGS if p.stem != "cpu-tiny"]  # cpu-tiny is a smoke run, not a paper setting
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.stem)
+def test_paper_configs_use_separate_heads_exactly_for_two_kind_policies(path, data):
+    from objcrop.crops.policies import POLICIES
+    from objcrop.ssl.heads import DEFAULT_KIND_TO_HEAD
+
+    config = load_config(path, sets(data))
+    two_kinds = len({DEFAULT_KIND_TO_HEAD[kind] for kind in POLICIES[config["crops"]["policy"]]}) == 2
+    assert config["method"]["separate_heads"] is two_kinds
+
+
+def test_the_demo_uses_separate_heads_for_two_kind_policies_and_moco_does_not_by_default(tmp_path):
+    from objcrop.demo import DemoSettings, pretrain_config
+    from objcrop.ssl.moco import MoCoV2
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "train.json").write_text("", encoding="utf-8")
+    heads = {
+        policy: pretrain_config(DemoSettings(), tmp_path, "gt", policy, tmp_path / policy)["method"]["separate_heads"]
+        for policy in ("scene-scene", "obj-scene", "obj-obj-dilate")
+    }
+    assert heads == {"scene-scene": False, "obj-scene": True, "obj-obj-dilate": True}
+    assert inspect.signature(MoCoV2).parameters["separate_heads"].default is False
+
+
 def test_the_choices_of_extension_points_are_their_registries():
     assert CHOICES["data.format"] == registry.FORMATS.names()
     assert CHOICES["crops.policy"] == registry.POLICIES.names()
