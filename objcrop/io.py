@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = [
+    "load_error_reason",
     "atomic_open",
     "atomic_torch_save",
     "check_replaceable",
@@ -116,3 +117,16 @@ def json_is_ours(path: Path, proves: Callable[[dict], bool]) -> bool:
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return isinstance(obj, dict) and bool(proves(obj))
+
+
+def load_error_reason(err: BaseException) -> str:
+    """One line saying why ``torch.load(..., weights_only=True)`` failed, for an error message naming the file.
+
+    torch's own texts run to several lines (the weights_only one explains its 2.6 default change and asks for a
+    bug report), which would break the CLI's one-line errors; objcrop never falls back to pickle.
+    """
+    name = type(err).__name__
+    if name == "UnpicklingError":
+        return "not a tensor file that loads without pickle (objcrop loads with weights_only=True)"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{name}: {lines[0]}" if lines else name

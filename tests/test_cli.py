@@ -169,3 +169,77 @@ def test_a_store_with_nan_boxes_is_exit_code_2_in_show(tmp_path, capsys):
     assert main(["show", *data, "--proposals", str(tmp_path / "s"), "--out", str(tmp_path / "p.png")]) == 2
     err = capsys.readouterr().err
     assert "boxes.npy row 1 (image 0)" in err and "is not finite" in err and not (tmp_path / "p.png").exists()
+
+
+def _bad_inputs(scenes: Path, tmp: Path) -> dict[str, tuple[list[str], Path]]:
+    """Per command: a command line with one bad input, and the path the error must name."""
+    garbage = tmp / "weights.pth"
+    garbage.write_bytes(b"not a torch file")
+    missing = tmp / "missing.json"
+    images = ["--format", "coco", "--images", str(scenes / "images")]
+    splits = [
+        *images,
+        "--train-annotations",
+        str(scenes / "train.json"),
+        "--test-annotations",
+        str(scenes / "test.json"),
+    ]
+    detect = ["--train-annotations", str(scenes / "train.json"), "--train-images", str(scenes / "images"),
+              "--test-annotations", str(scenes / "test.json"), "--test-images", str(scenes / "images")]  # fmt: skip
+    return {
+        "knn": (["knn", "--checkpoint", str(garbage), "--arch", "resnet18", *splits], garbage),
+        "linear": (["linear", "--checkpoint", str(garbage), "--arch", "resnet18", *splits], garbage),
+        "detect": (["detect", "--checkpoint", str(garbage), *detect, "--out", str(tmp / "det")], garbage),
+        "supervised": (
+            [
+                "supervised",
+                *images,
+                "--train-annotations",
+                str(missing),
+                "--test-annotations",
+                str(scenes / "test.json"),
+                "--out",
+                str(tmp / "s.pth"),
+            ],
+            missing,
+        ),  # fmt: skip
+        "analyze coverage": (
+            [
+                "analyze",
+                "coverage",
+                *images,
+                "--annotations",
+                str(scenes / "train.json"),
+                "--proposals",
+                str(tmp / "no-store"),
+            ],
+            tmp / "no-store",
+        ),  # fmt: skip
+        "analyze recall": (
+            [
+                "analyze",
+                "recall",
+                *images,
+                "--annotations",
+                str(scenes / "train.json"),
+                "--proposals",
+                str(tmp / "no-store"),
+            ],
+            tmp / "no-store",
+        ),  # fmt: skip
+        "openimages-subset": (
+            ["openimages-subset", "--boxes", str(tmp / "boxes.csv"), "--out", str(tmp / "o")],
+            tmp / "boxes.csv",
+        ),  # fmt: skip
+    }
+
+
+@pytest.mark.parametrize(
+    "command", ["knn", "linear", "detect", "supervised", "analyze coverage", "analyze recall", "openimages-subset"]
+)
+def test_each_command_reports_bad_input_in_one_line_naming_it(command, tiny_scenes, tmp_path, capsys):
+    argv, named = _bad_inputs(tiny_scenes, tmp_path)[command]
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if not line.startswith(("INFO", "WARNING"))]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"objcrop {command.split()[0]}") and str(named) in lines[0], lines[0]

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from objcrop.io import load_error_reason
 from objcrop.ssl.backbone_io import backbone_from_checkpoint, checkpoint_arch, is_objcrop_checkpoint, read_arch_sidecar
 from objcrop.ssl.backbones import build_backbone, load_trunk_weights
 from objcrop.ssl.errors import CheckpointError
@@ -68,7 +69,7 @@ def _load_file(path: Path, mmap: bool = False) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises several types for foreign or truncated files
-        raise ValueError(f"cannot load weights from {path}: {type(err).__name__}: {err}") from err
+        raise ValueError(f"cannot load weights from {path}: {load_error_reason(err)}") from err
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict or an objcrop checkpoint, got {type(state).__name__}")
     return state

@@ -51,6 +51,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from objcrop.io import load_error_reason
 from objcrop.ssl.backbone_io import (
     arch_sidecar,
     backbone_from_checkpoint,
@@ -102,7 +103,7 @@ def backbone_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"{path}: cannot read weights: {type(err).__name__}: {err}") from err
+        raise ValueError(f"{path}: cannot read weights: {load_error_reason(err)}") from err
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state_dict or an objcrop checkpoint, got {type(state).__name__}")
     if is_objcrop_checkpoint(state):

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from objcrop.io import atomic_torch_save
+from objcrop.io import atomic_torch_save, load_error_reason
 from objcrop.ssl.errors import CheckpointError
 
 __all__ = ["CheckpointError", "Checkpointer", "load_checkpoint"]
@@ -38,7 +38,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except FileNotFoundError as err:
         raise CheckpointError(f"checkpoint not found: {path}") from err
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"checkpoint {path} is damaged or not a checkpoint: {type(err).__name__}: {err}") from err
+        raise CheckpointError(f"checkpoint {path} is damaged or not a checkpoint: {load_error_reason(err)}") from err
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CheckpointError(f"checkpoint {path} lacks the 'model' and 'step' entries of an objcrop checkpoint")
     return state

@@ -202,6 +202,16 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(scenes, tmp_p
     assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["ckpt-00000001.pt", "ckpt-00000002.pt"]
 
 
+def test_a_non_finite_loss_is_exit_code_3_with_one_line_from_the_command(scenes, tmp_path, capsys):
+    settings = tiny_settings(scenes, tmp_path / "run", **{"optim.lr": 1.0e12, "optim.warmup_epochs": 0})
+    assert (
+        main(["pretrain", "--config", str(write_run_yaml({**settings, "optim.max_steps": 6}, tmp_path / "c.yaml"))])
+        == 3
+    )
+    lines = [line for line in capsys.readouterr().err.splitlines() if not line.startswith(("INFO", "WARNING"))]
+    assert len(lines) == 1 and lines[0].startswith("objcrop pretrain: ") and "Traceback" not in lines[0], lines
+
+
 def test_huge_learning_rate_is_caught_before_a_bad_checkpoint(scenes, tmp_path):
     """With lr 1e12 the weights blow up: either the loss or the checkpoint guard stops the run."""
     config = tiny_config(scenes, tmp_path, **{"optim.lr": 1.0e12, "optim.warmup_epochs": 0, "optim.max_steps": 6})
