@@ -49,10 +49,16 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "moco": ("objcrop/ssl/moco.py", ["tests/ssl/test_moco.py"]),
     "byol": ("objcrop/ssl/byol.py", ["tests/ssl/test_byol.py"]),
     "densecl": ("objcrop/ssl/densecl.py", ["tests/ssl/test_densecl.py"]),
-    # heads.py has no test file of its own: the method tests build every head it has.
+    # heads.py: its own tests, and the method tests that build every head it has.
     "heads": (
         "objcrop/ssl/heads.py",
-        ["tests/ssl/test_moco.py", "tests/ssl/test_byol.py", "tests/ssl/test_densecl.py", "tests/ssl/test_base.py"],
+        [
+            "tests/ssl/test_heads.py",
+            "tests/ssl/test_moco.py",
+            "tests/ssl/test_byol.py",
+            "tests/ssl/test_densecl.py",
+            "tests/ssl/test_base.py",
+        ],
     ),
 }
 SSL = ("losses", "moco", "byol", "densecl", "heads")
