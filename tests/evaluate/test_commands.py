@@ -52,6 +52,7 @@ def test_linear_json(dataset_args, tmp_path, capsys):
     # The knn command reads the same cache.
     knn_argv = ["knn", "--checkpoint", "random:resnet18", "--small-images", *dataset_args, "--cache-dir", str(tmp_path)]
     knn = _json(capsys, [*knn_argv, "--k", "5", "20", "--json"])
+    assert {"metric", "value", "classes_evaluated", "classes_skipped"} <= set(knn)  # the README's --json keys
     assert knn == knn_probe("random:resnet18", train, test, k=(5, 20), **probe).to_dict()
     assert knn["metric"] == "mAP" and knn["k"] == 5 and [r["k"] for r in knn["results"]] == [5, 20]
 
