@@ -227,6 +227,15 @@ def compute_references(name: str, train, test, root: Path, args: argparse.Namesp
     return rows
 
 
+def arm_config(settings: DemoSettings, data: Path, stores: dict[str, str], label: str, seed: int, run: Path) -> dict:
+    """The pretraining config of one arm and seed. Only ``seed`` sets the initial weights, the sampler order and
+    the augmentation draws, so two arms of one seed differ in their crops (and ``ARMS``' extras) alone: paired."""
+    policy, store_key, extra, _ = ARMS[label]
+    settings.seed = seed
+    settings.extra = {"train.progress": False, **extra}
+    return pretrain_config(settings, data, stores[store_key], policy, run)
+
+
 def run_dataset(name: str, args: argparse.Namespace, settings: DemoSettings) -> dict:
     root = Path(args.out)
     data = make_data(name, root, settings, seed=1000, sprite_scale=tuple(args.sprite_scale))
@@ -248,14 +257,11 @@ def run_dataset(name: str, args: argparse.Namespace, settings: DemoSettings) -> 
 
     results: dict[str, dict] = {}
     for label in arms:
-        policy, store_key, extra, _ = ARMS[label]
         seeds = int(seeds_of.get(label, args.seeds))
         per_size: dict[int, list[float]] = {s: [] for s in sizes}
         for seed in range(seeds):
             run = root / f"runs-{name}" / f"{label.replace(' ', '_').replace(',', '').replace('+', 'plus')}-seed{seed}"
-            settings.seed = seed
-            settings.extra = {"train.progress": False, **extra}
-            config = pretrain_config(settings, data, stores[store_key], policy, run)
+            config = arm_config(settings, data, stores, label, seed, run)
             t0 = time.perf_counter()
             result = pretrain(config)
             scores = probe_all(result.checkpoint, train, test, sizes, root / f"features-{name}", seed)

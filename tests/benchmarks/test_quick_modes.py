@@ -161,3 +161,31 @@ def test_bench_quality_quick_pairs_seeds_and_gives_a_readability_verdict(bench, 
     with pytest.raises(SystemExit, match="holds scenes made with"):
         bench_quality.main([*argv, "--out", str(tmp_path / "unreadable"), "--min-scale", "0.2"])
     capsys.readouterr()
+
+
+def test_bench_quality_arms_of_one_seed_start_from_the_same_weights_and_sampler_order(
+    bench, tiny_scenes, tmp_path, restore_torch_globals
+):
+    """What the paired statistics rest on: an arm's config differs from its baseline's only in the crops."""
+    from objcrop.demo import DemoSettings
+    from objcrop.ssl.trainer import Trainer
+
+    bench_quality = bench("bench_quality")
+    settings = DemoSettings(batch_size=8, steps=2, workers=0)
+    stores = {"gt": "gt", "main": "gt"}
+
+    def start(label: str, seed: int):
+        config = bench_quality.arm_config(settings, tiny_scenes, stores, label, seed, tmp_path / f"{label}-{seed}")
+        trainer = Trainer(config)
+        trainer.sampler.set_epoch(0)
+        return trainer.model.state_dict(), trainer.sampler.indices(), config
+
+    scene, scene_order, scene_config = start("scene-scene", 0)
+    obj, obj_order, obj_config = start("obj-obj-dilate", 0)
+    other, other_order, _ = start("scene-scene", 1)
+    assert scene_config["train"]["seed"] == obj_config["train"]["seed"] == 0
+    assert scene_config["crops"]["policy"] != obj_config["crops"]["policy"]
+    assert scene.keys() == obj.keys() and all(torch.equal(scene[k], obj[k]) for k in scene)
+    assert list(scene_order) == list(obj_order)
+    assert list(other_order) != list(scene_order)
+    assert not all(torch.equal(scene[k], other[k]) for k in scene if k.endswith("weight"))
