@@ -256,3 +256,122 @@ def test_coco128_object_crops_overlap_on_objects():
     dilate = coverage(records, store, ViewPairPolicy("obj-obj-dilate"), pairs_per_image=3, bootstrap=100)
     assert dilate.images_without_gt == scene.images_without_gt == 2
     assert dilate.mean_gt_fraction > scene.ci95[1]
+
+
+# ---------------------------------------------------------------- pinned details (mutation testing, docs/testing.md)
+
+
+def _result(policy="obj-obj-dilate", mean=0.5, ci=(0.25, 0.75), pairs=12, empty=3, fallbacks=1, images=4, no_gt=2):
+    from objcrop.analysis.coverage import CoverageResult
+
+    return CoverageResult(policy, mean, ci, pairs, empty, fallbacks, images, no_gt, pairs_per_image=5, seed=7)
+
+
+def test_coverage_table_is_aligned_text_with_three_decimals():
+    table = coverage_table([_result(), _result("scene-scene", 0.12345, (0.1, 0.2), 1000, 0, 0, 250, 0)])
+    assert table.splitlines() == [
+        "policy          GT fraction          95% CI  pairs  empty  fallbacks  images  no GT",
+        "--------------  -----------  --------------  -----  -----  ---------  ------  -----",
+        "obj-obj-dilate        0.500  [0.250, 0.750]     12      3          1       4      2",
+        "scene-scene           0.123  [0.100, 0.200]   1000      0          0     250      0",
+    ]
+
+
+def test_coverage_table_of_no_results_is_its_header():
+    assert coverage_table([]).splitlines() == [
+        "policy  GT fraction  95% CI  pairs  empty  fallbacks  images  no GT",
+        "------  -----------  ------  -----  -----  ---------  ------  -----",
+    ]
+
+
+def test_to_dict_holds_every_count_and_the_settings():
+    assert _result().to_dict() == {
+        "policy": "obj-obj-dilate",
+        "mean_gt_fraction": 0.5,
+        "ci95": [0.25, 0.75],
+        "pairs": 12,
+        "skipped_empty": 3,
+        "fallbacks": 1,
+        "images": 4,
+        "images_without_gt": 2,
+        "pairs_per_image": 5,
+        "seed": 7,
+    }
+
+
+def test_bootstrap_is_of_the_pooled_ratio_and_has_the_binomial_width():
+    from objcrop.analysis.coverage import _bootstrap_ci
+
+    # 400 images, each one pair, half fully object: the mean's 95 % interval is 0.5 +- 1.96 sqrt(0.25 / 400).
+    sums, counts = np.tile([1.0, 0.0], 200), np.ones(400, dtype=np.int64)
+    lo, hi = _bootstrap_ci(sums, counts, 4000, np.random.default_rng(0))
+    half = 1.96 * math.sqrt(0.25 / 400)
+    assert lo == pytest.approx(0.5 - half, abs=0.006) and hi == pytest.approx(0.5 + half, abs=0.006)
+    # Pairs weigh the same, not images: one image of 1 pair at 1.0 and one of 9 pairs at 0 pool to 0.1.
+    lo, hi = _bootstrap_ci(np.array([1.0, 0.0]), np.array([1, 9]), 2000, np.random.default_rng(0))
+    assert lo == pytest.approx(0.0) and hi == pytest.approx(1.0) and lo < 0.1 < hi
+
+
+def test_bootstrap_drops_resamples_without_pairs_and_refuses_to_make_one_up():
+    from objcrop.analysis.coverage import _bootstrap_ci
+
+    # Image 0 has no non-empty pair: a resample of it alone has no mean and is left out, not counted as 0.
+    lo, hi = _bootstrap_ci(np.array([0.0, 3.0]), np.array([0, 3]), 500, np.random.default_rng(1))
+    assert (lo, hi) == (1.0, 1.0)
+    for resamples, counts in ((0, [1, 1]), (-1, [1, 1]), (100, [0, 0])):
+        assert all(
+            math.isnan(v) for v in _bootstrap_ci(np.ones(2), np.array(counts), resamples, np.random.default_rng())
+        )
+
+
+def test_bootstrap_chunks_give_every_resample():
+    from objcrop.analysis.coverage import _bootstrap_ci
+
+    class CountingRng:
+        """Draws image 0 every time and records the shape of each draw."""
+
+        def __init__(self):
+            self.sizes = []
+
+        def integers(self, low, high, size):
+            self.sizes.append((low, high, size))
+            return np.zeros(size, dtype=np.int64)
+
+    # Many images make the chunk of resamples (about 4M indices) smaller than the count: all are still drawn.
+    n = (1 << 21) + 1  # chunk = 1 resample
+    rng = CountingRng()
+    assert _bootstrap_ci(np.ones(n), np.ones(n, dtype=np.int64), 3, rng) == (1.0, 1.0)
+    assert rng.sizes == [(0, n, (1, n))] * 3
+    rng = CountingRng()
+    _bootstrap_ci(np.ones(4), np.ones(4, dtype=np.int64), 10, rng)
+    assert rng.sizes == [(0, 4, (10, 4))]  # a small dataset: one draw of every resample
+
+
+def test_union_area_clips_rectangles_and_boxes_to_the_image():
+    union = UnionArea([[-5, -5, 10, 10], [15, 15, 40, 40]], 20, 20)  # both boxes partly outside
+    assert union.num_boxes == 2 and union.total == pytest.approx(100 + 25)
+    assert union.covered([[-10, -10, 5, 5], [18, 18, 30, 30], [-10, -10, 30, 30], [5, 0, 5, 20]]) == pytest.approx(
+        [25, 4, 125, 0]
+    )
+    assert union.covered([[10, 10, 15, 15]]) == pytest.approx([0])  # between the boxes
+    assert UnionArea(np.zeros((0, 4)), 8, 6).covered([[0, 0, 8, 6]]) == pytest.approx([0])
+
+
+def test_union_area_interpolates_inside_a_cell():
+    union = UnionArea([[2, 0, 6, 10]], 10, 10)  # one box, cells 0-2, 2-6 and 6-10 wide
+    assert union.covered([[0, 0, 3, 5], [4, 2, 5, 3], [1, 1, 9, 9], [2.5, 0, 2.75, 10]]) == pytest.approx(
+        [5, 1, 32, 2.5]
+    )
+
+
+def test_coverage_calibrates_a_paper_policy_and_records_its_settings():
+    records = random_scenes(6, np.random.default_rng(8))
+    policy = ViewPairPolicy("obj-obj-dilate", object_scale="paper")
+    assert policy.calibration is None
+    result = coverage(records, records, policy, pairs_per_image=3, seed=5, bootstrap=0)
+    assert policy.calibration is not None and policy.calibration["images"] == 6
+    assert (result.pairs_per_image, result.seed, result.images, result.pairs) == (3, 5, 6, 18)
+    assert result.fractions.dtype == np.float32 and result.image_index.dtype == np.int64
+    assert all(math.isnan(v) for v in result.ci95)  # bootstrap=0: no interval
+    other = coverage(records, records, ViewPairPolicy("obj-obj-dilate", object_scale="paper"), 3, seed=6, bootstrap=0)
+    assert not np.array_equal(other.fractions, result.fractions) or other.to_dict() != result.to_dict()
