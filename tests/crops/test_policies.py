@@ -443,3 +443,115 @@ def test_min_box_size_below_one_pixel_still_grows_the_regions():
 def test_make_policy_passes_the_name_and_the_settings():
     policy = make_policy("obj-scene", delta=0.3, topk=4)
     assert (policy.name, policy.region_kinds, policy.delta, policy.topk) == ("obj-scene", POLICIES["obj-scene"], 0.3, 4)
+
+
+# ---------------------------------------------------------------- pinned details (mutation testing, docs/testing.md)
+
+
+class ScriptedRng:
+    """Gives the uniform draws it was given, and checks how many were asked for."""
+
+    def __init__(self, draws, expect: int = 40):
+        self.draws, self.expect = list(draws), expect
+
+    def random(self, n):
+        assert n == self.expect
+        return np.array(self.draws + [0.5] * (n - len(self.draws)))
+
+
+def test_random_resized_crop_box_places_the_first_fitting_draw_exactly():
+    region = np.array([10, 20, 110, 220], np.float32)  # 100 x 200, area 20000
+    # Attempt 0: area 20000 x (0.25 + 0.5 x 0.5) = 10000, aspect exp(0) = 1: 100 x 100, at x 0 and y 1 of the slack.
+    crop = random_resized_crop_box(region, (0.25, 0.75), (0.5, 2.0), ScriptedRng([0.5, 0.5, 0.0, 1.0]))
+    np.testing.assert_allclose(crop, [10, 120, 110, 220])
+    assert crop.dtype == np.float32
+    # Attempt 0 too wide (aspect 2 with area 15000: w 173 > 100), attempt 1 fits: aspect 1/2, area 5000: 50 x 100.
+    draws = [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.25, 0.5]
+    crop = random_resized_crop_box(region, (0.25, 0.75), (0.5, 2.0), ScriptedRng(draws))
+    np.testing.assert_allclose(crop, [10 + 50 * 0.25, 20 + 100 * 0.5, 10 + 50 * 0.25 + 50, 20 + 100 * 0.5 + 100])
+
+
+def test_random_resized_crop_box_draws_four_numbers_per_attempt_and_falls_back_after_them():
+    region = np.array([0, 0, 100, 100], np.float32)
+    too_big = [1.0, 1.0, 0.5, 0.5] * 3  # area 10000 at aspect 4/3: wider than the region, every attempt
+    crop = random_resized_crop_box(region, (1.0, 1.0), (4 / 3, 4 / 3), ScriptedRng(too_big, expect=12), attempts=3)
+    np.testing.assert_allclose(crop, [0, 12.5, 100, 87.5])  # the centred crop of ratio 4/3: 100 x 75
+    wide = np.array([0, 0, 400, 100], np.float32)  # ratio 4 > 4/3: full height, width 4/3 x 100
+    crop = random_resized_crop_box(wide, (1.0, 1.0), (3 / 4, 4 / 3), ScriptedRng([1.0, 1.0] * 20))
+    np.testing.assert_allclose(crop, [200 - 200 / 3, 0, 200 + 200 / 3, 100], rtol=1e-6)
+    square = np.array([5, 5, 55, 55], np.float32)  # in ratio: the whole region
+    crop = random_resized_crop_box(square, (1.0, 1.0), (1.0, 1.0), ScriptedRng([1.0, 1.0, 0.3, 0.3] * 10))
+    np.testing.assert_allclose(crop, [5, 5, 55, 55])
+
+
+def test_random_resized_crop_box_of_a_region_without_height_is_the_region():
+    flat = np.array([0, 10, 50, 10], np.float32)
+    np.testing.assert_allclose(random_resized_crop_box(flat, (0.2, 1.0), (3 / 4, 4 / 3), ScriptedRng([])), flat)
+
+
+def test_the_defaults_are_the_papers_settings():
+    policy = ViewPairPolicy()
+    assert (policy.name, policy.delta, policy.topk, policy.shift_radius) == ("obj-obj-dilate", 0.1, 10, (80.0, 100.0))
+    assert (policy.scene_scale, policy.object_scale, policy.object_scale_cap) == ((0.2, 1.0), "paper", 0.9)
+    assert policy.scene_ratio == policy.object_ratio == (3 / 4, 4 / 3)
+    assert (policy.min_box_size, policy.min_proposal_size, policy.swap) == (0.0, 2.0, True)
+    assert policy.resolved_object_scale is None and policy.calibration is None
+    assert ViewPairPolicy("obj-obj", delta=0.3).delta == 0.0  # obj-obj has no dilation
+    assert ViewPairPolicy(object_scale=None).object_scale == "per-region"
+    assert ViewPairPolicy(object_ratio=(0.5, 2)).object_ratio == (0.5, 2.0)
+    assert ViewPairPolicy(object_scale=(0.3, 0.6)).resolved_object_scale == (0.3, 0.6)
+    assert repr(ViewPairPolicy("obj-scene", topk=3)) == (
+        "ViewPairPolicy('obj-scene', delta=0.1, topk=3, scene_scale=(0.2, 1.0), object_scale='per-region (lo <= 0.9)')"
+    )
+    assert ViewPairPolicy("scene-scene").uses_proposals is False and ViewPairPolicy("obj-scene").uses_proposals
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "nope"}, "unknown policy 'nope'; choose from scene-scene, "),
+        ({"delta": -0.1}, r"delta must be >= 0, got -0.1"),
+        ({"delta": float("inf")}, r"delta must be finite, got inf"),
+        ({"topk": 0}, r"topk must be >= 1, got 0"),
+        (
+            {"object_scale": "dataset"},
+            r"object_scale must be one of paper, per-region or a pair \[lo, hi\], got 'dataset'",
+        ),
+        ({"object_scale": (0.5,)}, r"object_scale must be a pair \[lo, hi\], got \(0.5,\)"),
+        ({"object_scale": 3}, r"object_scale must be a pair \[lo, hi\], got 3"),
+        ({"scene_scale": (0.5, 0.2)}, r"scene_scale must satisfy 0 < lo <= hi <= 1, got \(0.5, 0.2\)"),
+        ({"scene_scale": (0.5, 1.5)}, r"scene_scale must satisfy 0 < lo <= hi <= 1"),
+        ({"object_scale_cap": 0.0}, r"object_scale_cap must be in \(0, 1\], got 0.0"),
+    ],
+)
+def test_bad_arguments_get_their_exact_message(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ViewPairPolicy(**kwargs)
+
+
+def test_a_scale_of_exactly_one_and_a_cap_of_one_are_allowed():
+    assert ViewPairPolicy(object_scale=(1.0, 1.0), scene_scale=(1.0, 1.0), object_scale_cap=1.0).object_scale == (1, 1)
+
+
+def test_calibration_reads_at_most_its_limit_of_evenly_spaced_images(monkeypatch):
+    import objcrop.crops.policies as policies
+
+    monkeypatch.setattr(policies, "_CALIBRATION_IMAGES", 3)
+    read = []
+    store = TinyStore([[[0, 0, 10 * (i + 1), 100]] for i in range(7)], [(100, 100)] * 7)
+
+    def boxes_of(i):
+        read.append(i)
+        return store.boxes_of(i)
+
+    policy = ViewPairPolicy("obj-obj", object_scale_cap=1.0).calibrate(store.size, boxes_of, 7)
+    assert read == [0, 3, 6]
+    assert policy.calibration["mean_area_fraction"] == pytest.approx((0.1 + 0.4 + 0.7) / 3)
+    assert ViewPairPolicy("obj-obj").calibrate(store.size, boxes_of, 0).calibration["images"] == 0
+
+
+def test_per_region_lower_bound_is_scene_lo_times_image_over_region_area_capped():
+    policy = ViewPairPolicy("obj-obj", object_scale="per-region", object_scale_cap=0.9)
+    assert policy._object_scale(np.array([0, 0, 80, 50]), 100, 100) == pytest.approx((0.2 * 10000 / 4000, 1.0))
+    assert policy._object_scale(np.array([0, 0, 10, 10]), 100, 100) == (0.9, 1.0)
+    assert policy._object_scale(np.array([5, 5, 5, 5]), 100, 100) == (0.9, 1.0)  # a zero-area region: the cap
