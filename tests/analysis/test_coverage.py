@@ -221,6 +221,8 @@ def test_cli_table_defaults_to_every_policy(tmp_path, capsys):
     out = capsys.readouterr().out
     for name in POLICIES:
         assert name in out
+    # Each policy's resolved object-crop scale is printed, calibrated on the proposals given (here GT).
+    assert "obj-obj-dilate: object crop scale: paper, S_min = 0.2 / " in out
 
 
 def test_cli_out_replaces_only_result_files(tmp_path, capsys):

@@ -123,7 +123,10 @@ def test_cli_show_writes_a_png(tmp_path, capsys, which, images_drawn):
     argv = ["show", "--format", "coco", "--annotations", str(annotations), "--images", str(images)]
     argv += ["--proposals", "gt", "--pairs", "2"]
     assert cli.main([*argv, *which, "--dpi", "40", "--out", str(out)]) == 0
-    assert "wrote" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote" in printed
+    if "obj-obj-dilate" in which:  # the policy's resolved object-crop scale, calibrated on the proposals
+        assert "obj-obj-dilate: object crop scale: paper, S_min = 0.2 / " in printed
     with Image.open(out) as png:
         assert png.format == "PNG"
         width, height = figure_size(96, 64, 1, 2)

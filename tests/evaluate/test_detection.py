@@ -218,6 +218,13 @@ def test_bn_protocol_trains_norms_in_backbone_fpn_and_box_head():
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.roi_heads.box_head.modules())
 
 
+def test_the_auto_box_head_is_4conv1fc_with_bn_and_2fc_frozen():
+    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
+
+    assert isinstance(build_detector("resnet18", 2, norm="bn").roi_heads.box_head, FastRCNNConvFCHead)
+    assert isinstance(build_detector("resnet18", 2, norm="frozen").roi_heads.box_head, TwoMLPHead)
+
+
 def test_box_head_anchor_sizes_and_fpn_channels_are_chosen_and_checked():
     from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
 

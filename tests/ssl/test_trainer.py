@@ -522,6 +522,8 @@ def test_resume_applies_safe_changes_and_extends_a_finished_run(scenes, tmp_path
     # The derived object scale is recorded, and ignored when comparing.
     saved = json.loads(load_checkpoint(out / "checkpoints" / "ckpt-00000004.pt")["config"])
     assert "object_scale_resolved" in saved["crops"]
+    lo = saved["crops"]["object_scale_resolved"][0]
+    assert "object crop scale: paper, S_min = 0.2 / " in caplog.text and f"-> [{lo:.4f}, 1]" in caplog.text  # logged
 
 
 # ------------------------------------------------------------------ pretrain --json
