@@ -55,6 +55,28 @@ def test_every_shipped_config_validates(path, data):
     assert config["data"]["images"] == data["data.images"]
 
 
+# What the README says of each shipped config: (method, policy, epochs, delta).
+SHIPPED = {
+    "cpu-tiny": ("moco", "obj-obj-dilate", None, None),
+    "openimages-moco-scene-scene": ("moco", "scene-scene", 200, 0.2),
+    "openimages-moco-obj-scene": ("moco", "obj-scene", 200, 0.2),
+    "openimages-moco-obj-obj-dilate": ("moco", "obj-obj-dilate", 200, 0.2),
+    "coco-moco-obj-obj-dilate": ("moco", "obj-obj-dilate", 800, 0.1),
+    "coco-byol-obj-obj-dilate": ("byol", "obj-obj-dilate", None, None),
+    "coco-densecl-obj-obj-dilate": ("densecl", "obj-obj-dilate", None, None),
+}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_each_shipped_config_is_what_the_readme_says(path, data):
+    assert {p.stem for p in CONFIGS} == set(SHIPPED)
+    method, policy, epochs, delta = SHIPPED[path.stem]
+    config = load_config(path, sets(data))
+    assert (config["method"]["name"], config["crops"]["policy"]) == (method, policy)
+    if epochs is not None:
+        assert (config["optim"]["epochs"], config["crops"]["delta"]) == (epochs, delta)
+
+
 PAPER_CONFIGS = [p for p in CONFIGS if p.stem != "cpu-tiny"]  # cpu-tiny is a smoke run, not a paper setting
 
 
