@@ -33,3 +33,27 @@ def test_eval_rows_and_a_disabled_log_writes_nothing(tmp_path):
     other_rank.write(1, {"loss": 1.0})
     other_rank.write_eval(6, 1, {"knn_map@20": 1.0})
     assert not (tmp_path / "rank1").exists()
+
+
+def _scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder)).Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_gets_every_train_and_eval_scalar_and_a_resume_purges_the_later_steps(tmp_path):
+    logs = TrainLogs(tmp_path, enabled=True, tensorboard=True, resume_step=0)
+    for step in (1, 2, 3):
+        logs.write(step, {"loss": float(step), "lr": 0.5})
+    logs.write_eval(3, 1, {"knn_map": 40.0})
+    logs.close()
+    scalars = _scalars(tmp_path / "tensorboard")
+    assert scalars["train/loss"] == [(1, 1.0), (2, 2.0), (3, 3.0)] and len(scalars["train/lr"]) == 3
+    assert scalars["eval/knn_map"] == [(3, 40.0)]
+    # A run resumed from step 1 writes steps 2-3 again: the reader keeps the new values, not both.
+    logs = TrainLogs(tmp_path, enabled=True, tensorboard=True, resume_step=1)
+    for step in (2, 3):
+        logs.write(step, {"loss": 10.0 * step, "lr": 0.5})
+    logs.close()
+    assert _scalars(tmp_path / "tensorboard")["train/loss"] == [(1, 1.0), (2, 20.0), (3, 30.0)]
