@@ -60,7 +60,9 @@ def test_results_that_were_not_rerun_say_so():
 
 def test_the_quality_blocks_are_the_quality_benchmarks_own_report():
     bench = _load("bench_quality")
-    for name in ("quality-synth", "quality-bn-leak", "quality-sprites"):
+    names = [p.stem for p in sorted(RESULTS.glob("quality*.json"))]
+    assert {"quality-synth", "quality-synth-5seeds", "quality-bn-leak", "quality-sprites"} <= set(names)
+    for name in names:
         body = tables.render(name).split("\n\n", 1)[1]
         assert body == bench.report_from_json(RESULTS / f"{name}.json"), name
 
