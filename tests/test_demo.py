@@ -61,5 +61,5 @@ def test_demo_with_other_settings_exits_2_before_any_work(tmp_path, capsys):
     check_work_settings(out / "work", DemoSettings.quick())
     assert main(["demo", "--out", str(out)]) == 2  # the full demo into a quick demo's folder
     err = capsys.readouterr().err
-    assert "holds a demo made with other settings (" in err and "images 48 -> 1000" in err and "Traceback" not in err
+    assert "holds a demo made with other settings (" in err and "images 48 -> 2000" in err and "Traceback" not in err
     assert sorted(p.name for p in (out / "work").iterdir()) == ["settings.json"]
