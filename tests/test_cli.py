@@ -175,7 +175,7 @@ def _bad_inputs(scenes: Path, tmp: Path) -> dict[str, tuple[list[str], Path]]:
     """Per command: a command line with one bad input, and the path the error must name."""
     garbage = tmp / "weights.pth"
     garbage.write_bytes(b"not a torch file")
-    missing = tmp / "missing.json"
+    missing, no_store = tmp / "missing.json", tmp / "no-store"
     images = ["--format", "coco", "--images", str(scenes / "images")]
     splits = [
         *images,
@@ -202,35 +202,18 @@ def _bad_inputs(scenes: Path, tmp: Path) -> dict[str, tuple[list[str], Path]]:
                 str(tmp / "s.pth"),
             ],
             missing,
-        ),  # fmt: skip
-        "analyze coverage": (
-            [
-                "analyze",
-                "coverage",
-                *images,
-                "--annotations",
-                str(scenes / "train.json"),
-                "--proposals",
-                str(tmp / "no-store"),
-            ],
-            tmp / "no-store",
-        ),  # fmt: skip
-        "analyze recall": (
-            [
-                "analyze",
-                "recall",
-                *images,
-                "--annotations",
-                str(scenes / "train.json"),
-                "--proposals",
-                str(tmp / "no-store"),
-            ],
-            tmp / "no-store",
-        ),  # fmt: skip
+        ),
+        **{
+            f"analyze {what}": (
+                ["analyze", what, *images, "--annotations", str(scenes / "train.json"), "--proposals", str(no_store)],
+                no_store,
+            )
+            for what in ("coverage", "recall")
+        },
         "openimages-subset": (
             ["openimages-subset", "--boxes", str(tmp / "boxes.csv"), "--out", str(tmp / "o")],
             tmp / "boxes.csv",
-        ),  # fmt: skip
+        ),
     }
 
 
