@@ -125,8 +125,10 @@ def load_error_reason(err: BaseException) -> str:
     torch's own texts run to several lines (the weights_only one explains its 2.6 default change and asks for a
     bug report), which would break the CLI's one-line errors; objcrop never falls back to pickle.
     """
+    import pickle
+
     name = type(err).__name__
-    if name == "UnpicklingError":
+    if isinstance(err, pickle.UnpicklingError):
         return "not a tensor file that loads without pickle (objcrop loads with weights_only=True)"
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return f"{name}: {lines[0]}" if lines else name
