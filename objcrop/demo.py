@@ -92,12 +92,15 @@ def check_work_settings(work: Path, settings: DemoSettings) -> None:
             objcrop that did not record them), or its settings differ; the message names the keys.
     """
     wanted = json.loads(json.dumps(asdict(settings)))  # tuples as lists, as they read back
+    # Loader workers change speed, not results (every sample's draws depend on seed, epoch and index only).
+    wanted.pop("workers")
     path = work / SETTINGS_FILE
     if path.is_file():
         try:
             found = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path}: unreadable demo settings ({err}); use a new --out") from None
+        found.pop("workers", None)
         differ = sorted(k for k in wanted.keys() | found.keys() if wanted.get(k) != found.get(k))
         if differ:
             changes = ", ".join(f"{k} {found.get(k)!r} -> {wanted.get(k)!r}" for k in differ)

@@ -38,6 +38,9 @@ def test_the_work_folder_records_its_settings_and_reuse_needs_the_same(tmp_path)
     check_work_settings(work, DemoSettings.quick())
     assert json.loads((work / "settings.json").read_text())["images"] == 48
     check_work_settings(work, DemoSettings.quick())  # the same settings: reused
+    more_workers = DemoSettings.quick()
+    more_workers.workers = 2
+    check_work_settings(work, more_workers)  # loader workers do not change results
     other = DemoSettings.quick()
     other.seed, other.steps = 1, 5
     with pytest.raises(ValueError, match=r"other settings \(seed 0 -> 1, steps 3 -> 5\)"):
