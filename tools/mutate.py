@@ -44,7 +44,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "policies": ("objcrop/crops/policies.py", ["tests/crops/test_policies.py"]),
     "coverage": ("objcrop/analysis/coverage.py", ["tests/analysis/test_coverage.py"]),
     "metrics": ("objcrop/evaluate/metrics.py", ["tests/evaluate/test_metrics.py"]),
-    "detection_metrics": ("objcrop/evaluate/detection_metrics.py", ["tests/evaluate/test_detection.py"]),
+    "detection_metrics": ("objcrop/evaluate/detection_metrics.py", ["tests/evaluate/test_detection_metrics.py"]),
     "losses": ("objcrop/ssl/losses.py", ["tests/ssl/test_losses.py"]),
     "moco": ("objcrop/ssl/moco.py", ["tests/ssl/test_moco.py"]),
     "byol": ("objcrop/ssl/byol.py", ["tests/ssl/test_byol.py"]),
