@@ -91,9 +91,10 @@ def _resolve_precision(precision: str, device: torch.device) -> torch.dtype | No
     return _DTYPES[precision]
 
 
-def _cpu_has_bf16() -> bool:
+def _cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU reports native bf16 (AVX512-BF16 or AMX): without it, bf16 autocast is emulated and slow."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
+        with open(cpuinfo, encoding="utf-8") as f:
             flags = f.read()
     except OSError:
         return False
