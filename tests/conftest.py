@@ -8,6 +8,7 @@ them reads a file it did not write; torch is imported only by the factories that
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,8 +17,30 @@ import pytest
 
 from objcrop.data.records import Record, Records
 
-# Real data for the tests that use it (read-only; tests skip with a reason when it is absent).
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# Real data for the tests that use it (read-only). OBJCROP_TEST_SHARED_DATA points the tests elsewhere:
+# tests/test_shared_data.py points it at a missing folder and checks that every real-data test then skips.
+SHARED_DATA = Path(
+    os.environ.get("OBJCROP_TEST_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data"
+)
+
+
+def shared_data_marks(*relative: str) -> list[pytest.MarkDecorator]:
+    """The marks of a test that reads ``SHARED_DATA / r`` for each ``r`` of ``relative``: ``shared_data`` (the
+    real-data tests, as tests/test_shared_data.py finds them) and a skip that names what is missing."""
+    missing = [str(SHARED_DATA / r) for r in relative if not (SHARED_DATA / r).exists()]
+    reason = f"needs {', '.join(missing)} (../shared/data, see its README.md)"
+    return [pytest.mark.shared_data, pytest.mark.skipif(bool(missing), reason=reason)]
+
+
+def needs_shared_data(*relative: str):
+    """Decorator form of :func:`shared_data_marks`."""
+
+    def mark(test):
+        for one in shared_data_marks(*relative):
+            test = one(test)
+        return test
+
+    return mark
 
 
 def make_records(

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import SHARED_DATA, needs_shared_data
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-DATA = ROOT.parent / "shared" / "data"
+DATA = SHARED_DATA
 
 
 def _load(name: str):
@@ -87,7 +89,7 @@ def test_a_changed_number_or_missing_field_is_caught(tmp_path):
         tables.blocks(text + text)
 
 
-@pytest.mark.skipif(not (DATA / "coco128").is_dir(), reason="shared/data/coco128 not available")
+@needs_shared_data("coco128/annotations", "coco128/train2017")
 @pytest.mark.parametrize("name", ["coverage-coco128", "coverage-coco128-min224"])
 def test_the_stored_coverage_is_what_the_command_gives_now(name, tmp_path, capsys):
     """Re-runs the stored command on coco128 (about 2 s): a stale coverage table fails here."""

@@ -10,9 +10,9 @@ from objcrop import cli
 from objcrop.analysis.coverage import UnionArea, coverage, coverage_table, intersections
 from objcrop.crops.policies import POLICIES, ViewPair, ViewPairPolicy
 from objcrop.data.records import Records
-from tests.conftest import make_records
+from tests.conftest import SHARED_DATA, make_records, needs_shared_data
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = SHARED_DATA
 
 
 class FixedPolicy:
@@ -244,7 +244,7 @@ def test_cli_out_replaces_only_result_files(tmp_path, capsys):
     assert again["kind"] == "coverage" and again["date"] != "an older run"
 
 
-@pytest.mark.skipif(not (DATA / "coco128").is_dir(), reason="shared/data/coco128 not available")
+@needs_shared_data("coco128/annotations", "coco128/train2017")
 def test_coco128_object_crops_overlap_on_objects():
     from objcrop.data.readers import load_records
     from objcrop.proposals import open_proposals

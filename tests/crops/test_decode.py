@@ -3,7 +3,6 @@ no deprecation warning, and padded batches whose edges repeat."""
 
 import io
 import warnings
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -12,8 +11,9 @@ import torch
 
 from objcrop.crops.decode import decode_image, is_jpeg, pad_images, resolve_decoder
 from objcrop.data.images import ImageReadError, load_image
+from tests.conftest import SHARED_DATA, needs_shared_data
 
-COCO = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "coco128" / "train2017"
+COCO = SHARED_DATA / "coco128" / "train2017"
 
 
 def _available(name):
@@ -35,11 +35,11 @@ def noise(height=30, width=50, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
+@needs_shared_data("coco128/train2017")
 @pytest.mark.parametrize("decoder", JPEG_DECODERS)
 def test_coco_jpegs_decode_to_the_loader_paths_pixels(decoder):
     paths = sorted(COCO.glob("*.jpg"))[:6]
-    if not paths:
-        pytest.skip("shared/data/coco128 is not available")
+    assert paths, COCO
     for path in paths:
         image = decode_image(path, decoder)
         assert image.dtype == torch.uint8 and image.shape[0] == 3

@@ -33,9 +33,9 @@ from objcrop.proposals import open_proposals
 from objcrop.ssl.checkpoint import load_checkpoint
 from objcrop.ssl.config import ConfigError, load_config
 from objcrop.ssl.trainer import Trainer, pretrain
-from tests.conftest import tiny_run_settings
+from tests.conftest import SHARED_DATA, needs_shared_data, tiny_run_settings
 
-COCO = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "coco128"
+COCO = SHARED_DATA / "coco128"
 
 
 @pytest.fixture(scope="module")
@@ -163,11 +163,10 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
+@needs_shared_data("coco128/annotations", "coco128/train2017")
 def test_both_paths_make_the_same_views_of_coco_samples_with_augmentations_off():
     """Dataset + view maker against the loader dataset (no augmentation, normalised), unnormalised for the
     PSNR: at least 30 dB per view (measured: min 38.4 dB, mean 45.2 dB at 96 px)."""
-    if not (COCO / "train2017").is_dir():
-        pytest.skip("shared/data/coco128 is not available")
     records = load_records(
         "coco", annotations=str(COCO / "annotations" / "instances_train2017.json"), images=str(COCO / "train2017")
     )

@@ -3,7 +3,6 @@ against torchvision's functional op, the presets against objcrop.crops.augment, 
 distributions over many samples (MoCo-v2 and BYOL)."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -25,8 +24,9 @@ from objcrop.crops.device_views import (
 from objcrop.crops.policies import ViewPairPolicy
 from objcrop.crops.transforms import resized_crop
 from objcrop.data.images import load_image
+from tests.conftest import SHARED_DATA, needs_shared_data
 
-COCO = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "coco128" / "train2017"
+COCO = SHARED_DATA / "coco128" / "train2017"
 P = {name: i for i, name in enumerate(PARAM_NAMES)}
 
 
@@ -52,12 +52,12 @@ def scene_crops(images, rng, scale=(0.02, 1.0)) -> torch.Tensor:
     return torch.stack([torch.from_numpy(policy.sample(im.shape[2], im.shape[1], empty, rng).crops) for im in images])
 
 
+@needs_shared_data("coco128/train2017")
 @pytest.mark.parametrize("size", [224, 64])
 def test_crop_resize_matches_pil_views_of_coco_images_above_30_db(size):
     """Measured on these 16 views: min 35.6 dB (mean 43.1) at 224 px, min 37.5 dB (mean 42.2) at 64 px."""
     paths = sorted(COCO.glob("*.jpg"))[:8]
-    if not paths:
-        pytest.skip("shared/data/coco128 is not available")
+    assert paths, COCO
     images = [decode_image(p) for p in paths]
     crops = scene_crops(images, np.random.default_rng(0))
     ours = crop_resize(pad_images(images), crops, size)

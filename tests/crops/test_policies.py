@@ -14,6 +14,7 @@ from objcrop.crops.policies import (
     make_policy,
     random_resized_crop_box,
 )
+from tests.conftest import SHARED_DATA, needs_shared_data
 
 W, H = 640, 480
 PROPOSALS = np.array([[100, 80, 300, 260], [350, 200, 600, 450], [20, 300, 120, 460]], np.float32)
@@ -277,11 +278,11 @@ def test_shifted_region_is_shifted_before_it_grows_to_the_minimum_size():
         assert np.hypot(*(centre - 500)) == pytest.approx(100, abs=1e-2)
 
 
-DATA = __import__("pathlib").Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = SHARED_DATA
 COCO128 = DATA / "coco128"
 
 
-@pytest.mark.skipif(not (COCO128 / "annotations").is_dir(), reason="../shared/data/coco128 is absent")
+@needs_shared_data("coco128/annotations", "coco128/train2017")
 def test_paper_s_min_on_coco128_gt_and_bing_is_plausible(capsys):
     from objcrop.data.readers import load_records
     from objcrop.proposals import open_proposals
@@ -299,7 +300,7 @@ def test_paper_s_min_on_coco128_gt_and_bing_is_plausible(capsys):
 
     model_dir = DATA / "bing_objectness_model" / "ObjectnessTrainedModel"
     if not model_dir.is_dir():
-        pytest.skip("../shared/data/bing_objectness_model is absent")
+        pytest.skip(f"needs {model_dir} (../shared/data): the GT half of this test ran")
     from objcrop.data.images import load_image
     from objcrop.proposals.bing import BingProposer, load_opencv_model
 

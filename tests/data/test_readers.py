@@ -15,10 +15,10 @@ from objcrop.data.folder import read_folder
 from objcrop.data.readers import FORMATS, load_records
 from objcrop.data.voc import VOC_CLASSES, read_voc
 from objcrop.data.yolo import MAX_UNNAMED_CLASSES, read_class_names, read_yolo
+from tests.conftest import SHARED_DATA, needs_shared_data
 
-DATA = Path(__file__).resolve().parents[1].parent.parent / "shared" / "data"
+DATA = SHARED_DATA
 COCO128 = DATA / "coco128"
-needs_coco128 = pytest.mark.skipif(not COCO128.is_dir(), reason="shared/data/coco128 not available")
 
 
 def _image(path: Path, width: int, height: int, exif_orientation: int | None = None) -> None:
@@ -132,7 +132,7 @@ def test_coco_malformed_files(tmp_path):
         read_coco(tmp_path / "missing.json", tmp_path)
 
 
-@needs_coco128
+@needs_shared_data("coco128/annotations", "coco128/train2017")
 def test_coco128_counts():
     r = read_coco(COCO128 / "annotations" / "instances_train2017.json", COCO128 / "train2017")
     assert len(r) == 128 and len(r.boxes) == 929 and r.num_classes == 80
@@ -346,11 +346,9 @@ def test_yolo_bad_boxes_and_unreadable_images_are_counted_skips(tmp_path, caplog
     assert any("unreadable images" in m and "4.jpg" in m for m in messages)
 
 
-@needs_coco128
+@needs_shared_data("coco128/annotations", "coco128/train2017", "coco128_yolo_labels/labels/train2017")
 def test_yolo_labels_agree_with_coco_json_on_coco128():
     labels = DATA / "coco128_yolo_labels" / "labels" / "train2017"
-    if not labels.is_dir():
-        pytest.skip("shared/data/coco128_yolo_labels not available")
     coco = read_coco(COCO128 / "annotations" / "instances_train2017.json", COCO128 / "train2017")
     yolo = read_yolo(labels, COCO128 / "train2017")
     assert yolo.keys() == coco.keys()

@@ -16,8 +16,7 @@ from objcrop.data.synth_backgrounds import BackgroundBank
 from objcrop.data.synth_scene import paste_patches, render_scene_with_areas
 from objcrop.data.synth_shapes import OBJECT_CLASSES, TEXTURES, Patch, render_object, texture_mask
 from objcrop.data.synth_sprites import SpriteBank
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent.parent / "shared" / "data"
+from tests.conftest import SHARED_DATA, needs_shared_data
 
 
 def _scenes(n: int, seed0: int = 0, **kwargs):
@@ -223,10 +222,9 @@ def test_sprite_scenes_on_photo_backgrounds(sprite_folders, tmp_path):
     assert labels.max() < 3
 
 
+@needs_shared_data("cifar10_test_subset/test", "coco128/train2017")
 def test_sprite_scenes_from_shared_data(tmp_path):
     cifar, coco = SHARED_DATA / "cifar10_test_subset" / "test", SHARED_DATA / "coco128" / "train2017"
-    if not (cifar.is_dir() and coco.is_dir()):
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
     summary = synthesize(tmp_path, 6, seed=0, sprites=cifar, backgrounds=coco, progress=False)
     assert summary["classes"] == 10 and "cat" in summary["objects_per_class"]
     _check_coco(tmp_path, 6, sorted(p.name for p in cifar.iterdir() if p.is_dir()))

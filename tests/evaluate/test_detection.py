@@ -25,8 +25,9 @@ from objcrop.evaluate.detection_metrics import (
 )
 from objcrop.evaluate.detection_model import backbone_weights, build_detector
 from objcrop.ssl.backbones import build_backbone
+from tests.conftest import SHARED_DATA, needs_shared_data
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = SHARED_DATA
 
 
 def test_lr_schedule_warms_up_then_steps():
@@ -215,10 +216,9 @@ def test_a_few_dozen_cpu_iterations_learn_to_detect_big_squares(tmp_path):
 
 
 @pytest.mark.slow
+@needs_shared_data("coco_tiny/annotations", "coco128/annotations")
 def test_cli_smoke_run_on_coco_images_trains_scores_and_resumes(tmp_path, capsys):
     tiny, c128 = DATA / "coco_tiny", DATA / "coco128"
-    if not (tiny / "annotations").is_dir() or not (c128 / "annotations").is_dir():
-        pytest.skip(f"shared COCO data not found under {DATA}")
     torch.set_num_threads(1)
     weights = tmp_path / "r18.pth"
     torch.save(build_backbone("resnet18")[0].state_dict(), weights)

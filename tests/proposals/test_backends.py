@@ -113,10 +113,12 @@ def contract_image(width: int = 160, height: int = 120) -> np.ndarray:
     return pixels
 
 
+@pytest.mark.shared_data  # opencv-bing's options skip, naming OpenCV's model files, without them
 def test_every_registered_backend_has_contract_options():
     assert set(CONTRACT_OPTIONS) == set(BACKENDS)
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("name", BACKENDS.names())
 def test_every_backend_returns_float32_boxes_inside_the_image_best_first_and_pickles(name, tmp_path):
     try:

@@ -34,12 +34,10 @@ from objcrop.proposals.bing.features import ResizedImage, window_layout
 from objcrop.proposals.bing.opencv_model import read_opencv_matrix
 from objcrop.proposals.bing.rescore import prior_boxes
 from objcrop.proposals.random_boxes import RandomBoxProposer
+from tests.conftest import SHARED_DATA, needs_shared_data
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = SHARED_DATA
 OPENCV_MODEL = DATA / "bing_objectness_model" / "ObjectnessTrainedModel"
-needs_opencv_model = pytest.mark.skipif(
-    not OPENCV_MODEL.is_dir(), reason=f"OpenCV BING model not found: {OPENCV_MODEL}"
-)
 
 SIDES = (16, 32, 64, 128)
 CONFIG = TrainConfig(side_lengths=SIDES, min_boxes_per_size=2, negatives_per_image=60)
@@ -555,7 +553,7 @@ def test_window_layout_skips_and_clips_sizes():
 # ------------------------------------------------------------------ OpenCV's model
 
 
-@needs_opencv_model
+@needs_shared_data("bing_objectness_model/ObjectnessTrainedModel", "coco128/train2017")
 def test_opencv_model_loads_and_gives_sensible_boxes():
     model = load_opencv_model(OPENCV_MODEL)
     assert model.colour_spaces == ("rgb", "hsv", "gray")
@@ -591,6 +589,7 @@ def test_opencv_matrix_reader_errors(tmp_path):
 # ------------------------------------------------------------------ command line
 
 
+@pytest.mark.shared_data  # imports OpenCV's model files where they are present
 def test_cli_train_and_import(tmp_path, capsys):
     records = write_dataset(tmp_path / "images", 12, seed=7)
     coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "blob"}]}

@@ -9,8 +9,6 @@ order except where two windows' scores are equal or differ by float rounding.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -21,12 +19,11 @@ if not hasattr(cv2, "saliency"):
 from objcrop.proposals.bing import detect, load_opencv_model  # noqa: E402
 from objcrop.proposals.bing.train import load_rgb  # noqa: E402
 from objcrop.proposals.opencv_backends import BING_COLOUR_SPACES, OpenCVBing, bing_blocks  # noqa: E402
+from tests.conftest import SHARED_DATA, shared_data_marks  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-MODEL = DATA / "bing_objectness_model" / "ObjectnessTrainedModel"
-IMAGES = DATA / "coco128" / "train2017"
-if not (MODEL.is_dir() and IMAGES.is_dir()):
-    pytest.skip(f"needs {MODEL} and {IMAGES} (../shared/data)", allow_module_level=True)
+MODEL = SHARED_DATA / "bing_objectness_model" / "ObjectnessTrainedModel"
+IMAGES = SHARED_DATA / "coco128" / "train2017"
+pytestmark = shared_data_marks("bing_objectness_model/ObjectnessTrainedModel", "coco128/train2017")
 
 OUR_SPACE = {"MAXBGR": "rgb", "HSV": "hsv", "I": "gray"}
 # The first three coco128 images (640x480, 640x426, 640x428): two shapes whose sides are not multiples of the

@@ -1,6 +1,5 @@
 import pickle
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,14 +15,14 @@ from objcrop.proposals.opencv_backends import (  # noqa: E402
     bing_blocks,
     rank_scores,
 )
-from tests.conftest import tiny_edge_model  # noqa: E402
+from tests.conftest import SHARED_DATA, needs_shared_data, tiny_edge_model  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent.parent / "shared" / "data"
+DATA = SHARED_DATA
 BING_MODEL = DATA / "bing_objectness_model" / "ObjectnessTrainedModel"
 COCO128 = DATA / "coco128"
 
-needs_bing_data = pytest.mark.skipif(
-    not (BING_MODEL.is_dir() and COCO128.is_dir()), reason=f"shared data not found under {DATA}"
+needs_bing_data = needs_shared_data(
+    "bing_objectness_model/ObjectnessTrainedModel", "coco128/annotations", "coco128/train2017"
 )
 
 
