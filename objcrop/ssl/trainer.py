@@ -317,12 +317,14 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        rng = rng_state()
+        # Per rank: the RNG states, and the BatchNorm running statistics, which each rank keeps for itself
+        # (buffers are not broadcast) while "model" holds the main rank's.
+        mine = {"rng": rng_state(), "bn": self._own_buffers() if self.env.distributed else {}}
         if self.env.distributed:
             gathered: list[Any] = [None] * self.env.world_size
-            dist.all_gather_object(gathered, rng)
+            dist.all_gather_object(gathered, mine)
         else:
-            gathered = [rng]
+            gathered = [mine]
         self.unusable = self._all_unusable()
         return {
             "model": self.method.state_dict(),
@@ -330,7 +332,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "precision": _PRECISION_NAMES[self.dtype],  # what train.precision resolved to (auto: kept on resume)
-            "rng": gathered,
+            "rng": [g["rng"] for g in gathered],
+            "rank_buffers": [g["bn"] for g in gathered],
             "step": self.step,
             "epoch": self.epoch,
             "batches_done_in_epoch": self.batches_done_in_epoch,
@@ -351,6 +354,9 @@ class Trainer:
                 "exact resumption needs the same number"
             )
         self.method.load_state_dict(state["model"])
+        own = state.get("rank_buffers", [{}] * self.env.world_size)[self.env.rank]  # absent before 2026-12-04
+        if own:
+            self.method.load_state_dict(own, strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._keep_auto_precision(state.get("precision"))
@@ -364,6 +370,11 @@ class Trainer:
         self.replaced_elsewhere = int(state.get("replaced_elsewhere", 0))
         self.fallbacks = int(state["fallbacks"])
         self.last_loss = float(state.get("loss", float("nan")))
+
+    def _own_buffers(self) -> dict[str, torch.Tensor]:
+        """This rank's BatchNorm running statistics (on the CPU, for the all-gather)."""
+        running = ("running_mean", "running_var", "num_batches_tracked")
+        return {k: v.detach().cpu() for k, v in self.method.state_dict().items() if k.endswith(running)}
 
     def _make_scaler(self) -> torch.amp.GradScaler:
         """A grad scaler, enabled for fp16 only (bf16 and fp32 need none)."""
