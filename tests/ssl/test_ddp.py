@@ -210,6 +210,7 @@ def test_two_processes_interrupted_and_resumed_equal_the_uninterrupted_run_rank_
         ref_state = torch.load(reference / f"final-rank{rank}.pt", weights_only=True)
         run_state = torch.load(run / f"final-rank{rank}.pt", weights_only=True)
         assert [k for k in ref_state if not torch.equal(ref_state[k], run_state[k])] == [], rank
+
     def logged(out: Path) -> list[dict]:  # all but the throughput, a timing
         return [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows(out)]
 
