@@ -107,7 +107,7 @@ def ground_truth_from_records(records: Records, class_names: Sequence[str] | Non
     """
     class_names = list(records.class_names if class_names is None else class_names)
     to_detector = _class_map(records.class_names, class_names)
-    labels = to_detector[records.box_labels] if len(records.box_labels) else np.zeros(0, np.int64)
+    labels = to_detector[records.box_labels]
     if (labels < 0).any():
         unknown = sorted({records.class_names[c] for c in records.box_labels[labels < 0]})
         raise ValueError(f"test classes unknown to the detector: {unknown[:10]}")
@@ -148,9 +148,9 @@ def ground_truth_from_json(annotations_json: str | os.PathLike, class_names: Seq
     names = [str(c.get("name", c["id"])) for c in cats]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: category names are not unique")
-    position = _class_map(class_names, names)
-    ids = np.array([c["id"] for c in cats], dtype=np.int64)
-    return GroundTruth(coco, np.where(position >= 0, ids[np.maximum(position, 0)], -1))
+    # Position -1 (a class the JSON lacks) reads the appended -1.
+    ids = np.array([c["id"] for c in cats] + [-1], dtype=np.int64)
+    return GroundTruth(coco, ids[_class_map(class_names, names)])
 
 
 def coco_evaluate(gt: GroundTruth, detections: Detections, image_ids: Sequence[int] | None = None) -> dict[str, float]:
@@ -166,7 +166,7 @@ def coco_evaluate(gt: GroundTruth, detections: Detections, image_ids: Sequence[i
         ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` in ``[0, 1]``; -1 where no ground-truth box
         falls in that size range (pycocotools' convention).
     """
-    category = gt.category_ids[detections.labels] if len(detections) else np.zeros(0, np.int64)
+    category = gt.category_ids[np.asarray(detections.labels, np.int64)]
     keep = category >= 0
     xywh = _xywh(detections.boxes[keep])
     results = [
@@ -176,8 +176,7 @@ def coco_evaluate(gt: GroundTruth, detections: Detections, image_ids: Sequence[i
             "category_id": int(c),
             "bbox": box.tolist(),
             "score": float(s),
-            "area": float(box[2] * box[3]),
-            "iscrowd": 0,
+            "area": float(box[2] * box[3]),  # unmatched detections outside a size range are ignored there
         }
         for k, (i, c, box, s) in enumerate(
             zip(detections.image_ids[keep], category[keep], xywh, detections.scores[keep], strict=True)
@@ -187,9 +186,9 @@ def coco_evaluate(gt: GroundTruth, detections: Detections, image_ids: Sequence[i
     stray = {r["image_id"] for r in results} - known
     if stray:
         raise ValueError(f"detections on images that are not in the ground truth: {sorted(stray)[:5]}")
-    # Built by hand rather than with COCO.loadRes, which fails on an empty list.
-    dataset = {"images": gt.coco.dataset["images"], "categories": gt.coco.dataset["categories"], "annotations": results}
-    evaluator = COCOeval(gt.coco, _quiet_coco(dataset), iouType="bbox")
+    # Built by hand rather than with COCO.loadRes, which fails on an empty list. COCOeval takes the images and
+    # categories from the ground truth, so the results need only their annotations.
+    evaluator = COCOeval(gt.coco, _quiet_coco({"annotations": results}), iouType="bbox")
     if image_ids is not None:
         evaluator.params.imgIds = sorted(int(i) for i in image_ids)
     with contextlib.redirect_stdout(io.StringIO()):
