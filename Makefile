@@ -32,7 +32,7 @@ $(VENV)/.mutate-installed: $(STAMP)
 	touch $@
 
 mutate: $(VENV)/.mutate-installed
-	$(BIN)/python tools/mutate.py $(MUTATE_ARGS) $(MODULES)
+	$(BIN)/python tools/mutate.py --record $(MUTATE_ARGS) $(MODULES)
 
 clean:
 	rm -rf $(VENV) demo_report build *.egg-info

@@ -3,8 +3,11 @@
 ``make mutate`` runs this script. For each module it builds a scratch project under ``.mutmut/<name>/``
 (symlinks to the checkout's files and a ``pyproject.toml`` whose ``[tool.mutmut]`` is the checkout's with
 ``only_mutate`` and the test selection narrowed to that module), runs ``mutmut run`` there, and writes
-``.mutmut/<name>/summary.json`` plus one line per module on stdout. The checkout itself is never touched:
-mutmut's working copy is ``.mutmut/<name>/mutants/`` (git-ignored).
+``.mutmut/<name>/summary.json`` plus one line per module on stdout. mutmut's working copy is
+``.mutmut/<name>/mutants/`` (git-ignored); the checkout's code and tests are never touched. With ``--record``
+(``make mutate`` passes it) the summary, with each survivor's diff, also goes to ``docs/mutation/<name>.json``
+(committed), and docs/testing.md's rate table is rendered again from those files (``--table`` does only that);
+tests/test_mutation_records.py fails when the table is not their rendering.
 
 Equivalent mutants (a mutation no test can tell apart from the original) are listed in :data:`EQUIVALENT`
 with the reason; they are reported apart and left out of the killed rate. Docstrings are never mutated
@@ -16,6 +19,8 @@ Usage::
     python tools/mutate.py --no-ssl         # the non-ssl modules
     python tools/mutate.py boxes coverage   # named modules
     python tools/mutate.py --keep boxes     # reuse .mutmut/boxes (mutmut re-tests only what changed)
+    python tools/mutate.py --record moco    # and keep the result in docs/mutation/moco.json
+    python tools/mutate.py --table          # docs/testing.md's table from docs/mutation/*.json
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".mutmut"
+RECORDS = ROOT / "docs" / "mutation"
+TESTING_MD = ROOT / "docs" / "testing.md"
+TABLE_START, TABLE_END = "<!-- mutation-table: rendered by tools/mutate.py --table -->", "<!-- /mutation-table -->"
 
 # name -> (the module mutated, the test files that run against it)
 MODULES: dict[str, tuple[str, list[str]]] = {
@@ -179,22 +187,99 @@ def summarize(name: str, statuses: dict[str, str], seconds: float) -> dict:
     }
 
 
+def _commit() -> str:
+    """HEAD's short hash, with `` (with uncommitted changes)`` where objcrop/ or tests/ differ from it."""
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "objcrop", "tests"], capture_output=True, text=True)
+    return head + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+
+
 def run_module(name: str, keep: bool, jobs: int) -> dict:
     """Run mutmut on one module; its log is ``.mutmut/<name>/run.log``."""
     work = prepare(name, keep)
+    commit = _commit()  # mutmut copies the code and tests now: this is the state it measures
     start = time.monotonic()
     with open(work / "run.log", "w") as log:
         proc = _mutmut(work, "run", "--max-children", str(jobs), log=log)
     summary = summarize(name, results(work), time.monotonic() - start)
     summary["exit_code"] = proc.returncode
     summary["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    summary["commit"] = head.stdout.strip()
+    summary["commit"] = commit
     from importlib.metadata import version
 
     summary["mutmut"] = version("mutmut")
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def survivor_diff(work: Path, key: str) -> str:
+    """The changed lines of one mutant (``mutmut show``), ``-`` original and ``+`` mutant."""
+    shown = _mutmut(work, "show", key).stdout
+    lines = [ln for ln in shown.splitlines() if ln[:1] in "-+" and not ln.startswith(("---", "+++"))]
+    return "\n".join(ln[0] + " " + ln[1:].strip() for ln in lines)
+
+
+def record(name: str, summary: dict, work: Path) -> Path:
+    """Writes ``docs/mutation/<name>.json`` (atomically): the summary and each survivor's diff."""
+    kept = {**summary, "survivor_diffs": {key: survivor_diff(work, key) for key in summary["survived"]}}
+    RECORDS.mkdir(parents=True, exist_ok=True)
+    path = RECORDS / f"{name}.json"
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+    return path
+
+
+def load_records() -> dict[str, dict]:
+    """Module name -> its record, for the modules of :data:`MODULES` that have one."""
+    return {
+        n: json.loads((RECORDS / f"{n}.json").read_text("utf-8")) for n in MODULES if (RECORDS / f"{n}.json").exists()
+    }
+
+
+def _function(key: str) -> str:
+    """``Class.method`` or ``function`` of a mutant name (``pkg.mod.xǁCǁm__mutmut_3``, ``pkg.mod.x_f__mutmut_3``)."""
+    name = key.rsplit(".", 1)[-1].rsplit("__mutmut_", 1)[0]
+    return ".".join(part for part in name.split("ǁ")[1:]) if "ǁ" in name else name[2:]
+
+
+def survivors_by_function(keys: list[str]) -> str:
+    """``f 3, C.m 2``: where the survivors are, most first."""
+    counts: dict[str, int] = {}
+    for key in keys:
+        counts[_function(key)] = counts.get(_function(key), 0) + 1
+    return ", ".join(f"`{f}` {n}" for f, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def render_table(records: dict[str, dict]) -> str:
+    """docs/testing.md's table of killed-mutant rates, one row per module of :data:`MODULES`."""
+    rows = [
+        "| module | tests | measured at | mutants | equivalent | killed | timeout | survived | rate | survivors in |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (module, tests) in MODULES.items():
+        shown = ", ".join(f"`{t}`" for t in tests)
+        r = records.get(name)
+        if r is None:
+            rows.append(f"| `{module}` | {shown} | not run | | | | | | | |")
+            continue
+        rows.append(
+            f"| `{module}` | {shown} | {r['commit']}, {r['date']}, {r['seconds']} s | {r['mutants']} | "
+            f"{len(r['equivalent'])} | {r['killed']} | {len(r['timeout_or_suspicious'])} | {len(r['survived'])} | "
+            f"{r['rate']:.1f} % | {survivors_by_function(r['survived'])} |"
+        )
+    return "\n".join(rows)
+
+
+def write_table(text: str | None = None) -> str:
+    """docs/testing.md with the table between its markers rendered again (written when ``text`` is None)."""
+    current = TESTING_MD.read_text(encoding="utf-8") if text is None else text
+    start, end = current.index(TABLE_START) + len(TABLE_START), current.index(TABLE_END)
+    updated = current[:start] + "\n" + render_table(load_records()) + "\n" + current[end:]
+    if text is None:
+        TESTING_MD.write_text(updated, encoding="utf-8")
+    return updated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ssl", action="store_true", help="leave out the ssl modules")
     parser.add_argument("--keep", action="store_true", help="reuse .mutmut/<name> instead of starting fresh")
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once (default 2)")
+    parser.add_argument("--record", action="store_true", help="keep each result in docs/mutation/<name>.json")
+    parser.add_argument("--table", action="store_true", help="only render docs/testing.md's table again")
     args = parser.parse_args(argv)
+    if args.table:
+        write_table()
+        return 0
     unknown = [n for n in args.modules if n not in MODULES]
     if unknown:
         parser.error(f"unknown modules {unknown}; known: {', '.join(MODULES)}")
@@ -221,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         for key in s["survived"]:
             print(f"    survived: {key}")
+        if args.record:
+            print(f"    recorded in {record(name, s, WORK / name).relative_to(ROOT)}", flush=True)
+            write_table()
         failed |= s["exit_code"] != 0
     return 1 if failed else 0
 
