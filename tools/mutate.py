@@ -21,6 +21,7 @@ Usage::
     python tools/mutate.py --keep boxes     # reuse .mutmut/boxes (mutmut re-tests only what changed)
     python tools/mutate.py --record moco    # and keep the result in docs/mutation/moco.json
     python tools/mutate.py --table          # docs/testing.md's table from docs/mutation/*.json
+    python tools/mutate.py --rescore --record boxes  # the last run again, after EQUIVALENT changed
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ SSL = ("losses", "moco", "byol", "densecl", "heads")
 _ULP = "float64 instead of float32 for an intermediate: the float32 result differs by rounding (<= 1 ulp) at most"
 _DROPPED = "the value written into non-finite rows, which `finite` drops from the result anyway"
 _DIVIDE = "union == 0 implies inter == 0 (inter <= each area), so the only division by zero is 0/0, an 'invalid'"
+_NO_STDOUT = "redirect_stdout(None) sets sys.stdout to None, and print() then writes nothing: just as quiet"
+_RESHAPE = "numpy's reshape takes any negative size as the one to infer, -2 as -1"
+_IDS = "COCOeval only needs distinct positive annotation ids (it tests id > 0): k + 2 numbers them as well as k + 1"
+_STRICT = "the zipped sequences have one length by construction: strict=True only guards that"
+_INT64 = "numpy 2's default integer is int64 on every platform, so the explicit dtype changes nothing"
 EQUIVALENT: dict[str, str] = {
     "objcrop.boxes.x_iou__mutmut_35": _DIVIDE,
     "objcrop.boxes.x_iou__mutmut_37": _DIVIDE,
@@ -83,6 +89,17 @@ EQUIVALENT: dict[str, str] = {
     "objcrop.boxes.x_shift__mutmut_25": _ULP,
     "objcrop.boxes.x_sanitize__mutmut_17": _DROPPED,
     "objcrop.boxes.x_sanitize__mutmut_21": _DROPPED,
+    "objcrop.evaluate.detection_metrics.x__quiet_coco__mutmut_1": _NO_STDOUT,
+    "objcrop.evaluate.detection_metrics.x_coco_evaluate__mutmut_70": _NO_STDOUT,
+    "objcrop.evaluate.detection_metrics.x__xywh__mutmut_11": _RESHAPE,
+    "objcrop.evaluate.detection_metrics.xǁDetectionsǁconcatenate__mutmut_19": _RESHAPE,
+    "objcrop.evaluate.detection_metrics.x_coco_evaluate__mutmut_15": _IDS,
+    **{f"objcrop.evaluate.detection_metrics.x_coco_evaluate__mutmut_{n}": _STRICT for n in (38, 43, 44, 74, 77, 79)},
+    **{f"objcrop.evaluate.detection_metrics.x_ground_truth_from_records__mutmut_{n}": _STRICT for n in (45, 49, 50)},
+    "objcrop.evaluate.detection_metrics.x_ground_truth_from_json__mutmut_45": _INT64,
+    "objcrop.evaluate.detection_metrics.x_ground_truth_from_json__mutmut_47": _INT64,
+    "objcrop.evaluate.detection_metrics.x_ground_truth_from_records__mutmut_98": _INT64,
+    "objcrop.evaluate.detection_metrics.x_ground_truth_from_records__mutmut_101": _INT64,
 }
 
 # mutmut's exit codes (mutmut.stats.status_by_exit_code), grouped the way docs/testing.md reports them.
@@ -282,6 +299,16 @@ def write_table(text: str | None = None) -> str:
     return updated
 
 
+def rescore(name: str) -> dict:
+    """The summary of the last run in ``.mutmut/<name>`` again, with today's :data:`EQUIVALENT` (no mutmut run)."""
+    work = WORK / name
+    last = json.loads((work / "summary.json").read_text())
+    summary = summarize(name, results(work), last["seconds"])
+    summary.update({k: last[k] for k in ("exit_code", "date", "commit", "mutmut")})
+    (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the named modules (default: all of them) and print one summary line each."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -291,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once (default 2)")
     parser.add_argument("--record", action="store_true", help="keep each result in docs/mutation/<name>.json")
     parser.add_argument("--table", action="store_true", help="only render docs/testing.md's table again")
+    parser.add_argument(
+        "--rescore", action="store_true", help="no mutmut run: the last run's results with today's EQUIVALENT"
+    )
     args = parser.parse_args(argv)
     if args.table:
         write_table()
@@ -301,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.modules or [n for n in MODULES if not (args.no_ssl and n in SSL)]
     failed = False
     for name in names:
-        s = run_module(name, args.keep, args.jobs)
+        s = rescore(name) if args.rescore else run_module(name, args.keep, args.jobs)
         print(
             f"{name:9s} {s['module']:32s} mutants {s['mutants']:4d}  equivalent {len(s['equivalent']):3d}  "
             f"killed {s['killed']:4d}  survived {len(s['survived']):3d}  timeout/suspicious "
