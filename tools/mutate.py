@@ -110,6 +110,7 @@ EQUIVALENT: dict[str, str] = {
     "objcrop.ssl.moco.xǁMoCoV2ǁ_in_batch_loss__mutmut_23": _CPU,
     "objcrop.ssl.moco.xǁMoCoV2ǁ_in_batch_loss__mutmut_25": _CPU,
     "objcrop.ssl.moco.xǁMoCoV2ǁforward__mutmut_93": _UNTRACKED,
+    "objcrop.ssl.byol.xǁBYOLǁforward__mutmut_15": "views_and_kinds has checked that both views hold one batch size",
 }
 
 # mutmut's exit codes (mutmut.stats.status_by_exit_code), grouped the way docs/testing.md reports them.

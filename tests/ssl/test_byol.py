@@ -191,3 +191,41 @@ def test_training_steps_reduce_the_loss():
         model.after_optimizer_step(step, 4)
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0, losses
+
+
+def test_defaults_are_byols():
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(BYOL).parameters.items()}
+    assert defaults == {
+        "backbone": "resnet50",
+        "proj_hidden_dim": 4096,
+        "proj_dim": 256,
+        "pred_hidden_dim": 4096,
+        "separate_heads": False,
+        "base_tau": 0.996,
+        "sync_bn": False,
+        "small_images": False,
+    }
+
+
+def test_constructor_options_reach_the_networks():
+    plain = _tiny_byol()
+    assert plain.online.head.heads[0].fc1.in_features == 512  # resnet18's features, as asked
+    assert plain.online.backbone.conv1.kernel_size == (7, 7)
+    assert len(plain.online.head.heads) == 1 and plain.has_unused_parameters is False
+    small = _tiny_byol(small_images=True, separate_heads=True)
+    assert small.online.backbone.conv1.kernel_size == (3, 3) and small.target.backbone.conv1.stride == (1, 1)
+    assert len(small.online.head.heads) == 2 and len(small.target.head.heads) == 2
+    assert small.has_unused_parameters is True
+    synced = _tiny_byol(sync_bn=True)
+    for network in (synced.online, synced.predictor, synced.target):
+        norms = [m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in plain.modules())
+    batch = _batch(0)
+    batch["views"].append(batch["views"][0])
+    batch["kinds"] = torch.cat([batch["kinds"], batch["kinds"][:, :1]], dim=1)
+    with pytest.raises(ValueError) as err:
+        plain(batch)
+    assert str(err.value) == "BYOL takes two views, got 3"
