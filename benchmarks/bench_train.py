@@ -142,7 +142,7 @@ def time_loader(trainer: Trainer, batches: int) -> float:
     return images / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--size", type=int, default=96)
@@ -154,7 +154,8 @@ def main() -> None:
     parser.add_argument("--loader-batches", type=int, default=4)
     parser.add_argument("--synth-images", type=int, default=512)
     parser.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", "fp32", "bf16"])
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write a result file (benchmarks/results/)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -171,9 +172,9 @@ def main() -> None:
             f"{args.threads} threads, {args.workers} loader workers"
         )
         print(f"fp32 loss, ours vs reference on the same inputs: |difference| = {diff:.2e}")
+        resolved = {p: "fp32" if t.dtype is None else str(t.dtype).replace("torch.", "") for p, t in trainers.items()}
         for p, t in trainers.items():
-            resolved = "fp32" if t.dtype is None else str(t.dtype).replace("torch.", "")
-            print(f"ours[{p}] runs in {resolved}, channels_last={t.channels_last}")
+            print(f"ours[{p}] runs in {resolved[p]}, channels_last={t.channels_last}")
 
         setup = list(reference_setup(first, batches[0]["kinds"][:, :1]))
         momentum, temperature = first.method.momentum, first.method.temperature
@@ -210,6 +211,27 @@ def main() -> None:
         f"\nloader {loader:.1f} img/s vs step {step:.1f} img/s: the loader {verdict} "
         "(timed apart; in training both share the cores)"
     )
+    if args.json:
+        from objcrop.commands.analyze_results import write_result
+
+        rows = []
+        for i, p in enumerate(args.precision):
+            ours = rates[f"ours[{p}]"]
+            rows.append(
+                {
+                    "condition": f"train.precision {p} (runs in {resolved[p]}), medians of {args.repeats} rounds",
+                    "objcrop": statistics.median(ours),
+                    "objcrop_range": [min(ours), max(ours)],
+                    "reference": statistics.median(reference),
+                    "reference_range": [min(reference), max(reference)],
+                    "ratio": statistics.median(v / r for v, r in zip(ours, reference, strict=True)),
+                    "loader": loader if i == 0 else None,  # the loader is timed once, with the first trainer
+                }
+            )
+        settings = {k: getattr(args, k) for k in ("batch", "size", "threads", "queue", "steps", "repeats")}
+        data = {"data": data_name, "settings": settings, "workers": args.workers, "loss_difference": diff, "rows": rows}
+        write_result(args.json, "train-cpu", data)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -189,3 +189,19 @@ def test_bench_quality_arms_of_one_seed_start_from_the_same_weights_and_sampler_
     assert list(scene_order) == list(obj_order)
     assert list(other_order) != list(scene_order)
     assert not all(torch.equal(scene[k], other[k]) for k in scene if k.endswith("weight"))
+
+
+@pytest.mark.slow
+def test_bench_train_writes_a_result_file_the_readme_renders(bench, tmp_path, capsys):
+    bench_train = bench("bench_train")
+    out = tmp_path / "train-cpu.json"
+    args = ["--batch", "8", "--size", "32", "--queue", "64", "--steps", "1", "--repeats", "2", "--threads", "1"]
+    bench_train.main([*args, "--workers", "0", "--loader-batches", "1", "--synth-images", "24", "--json", str(out)])
+    assert "fp32 loss, ours vs reference on the same inputs" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["kind"] == "train-cpu" and result["workers"] == 0 and result["loss_difference"] < 1e-4
+    (row,) = result["rows"]
+    assert row["condition"].startswith("train.precision auto (runs in ")
+    assert row["objcrop_range"][0] <= row["objcrop"] <= row["objcrop_range"][1] and row["loader"] > 0
+    tables = bench("results_tables")
+    assert "| train.precision auto" in tables.train_cpu_table(result)
