@@ -111,6 +111,10 @@ EQUIVALENT: dict[str, str] = {
     "objcrop.ssl.moco.xǁMoCoV2ǁ_in_batch_loss__mutmut_25": _CPU,
     "objcrop.ssl.moco.xǁMoCoV2ǁforward__mutmut_93": _UNTRACKED,
     "objcrop.ssl.byol.xǁBYOLǁforward__mutmut_15": "views_and_kinds has checked that both views hold one batch size",
+    **{f"objcrop.ssl.densecl.xǁDenseCLǁ_dense_keys__mutmut_{n}": _DIM1 for n in (7, 15)},
+    **{f"objcrop.ssl.densecl.xǁDenseCLǁforward__mutmut_{n}": _DIM1 for n in (44, 49, 73, 78, 89)},
+    **{f"objcrop.ssl.densecl.xǁDenseCLǁforward__mutmut_{n}": _STRICT for n in (29, 32, 33)},
+    **{f"objcrop.ssl.densecl.xǁDenseEncoderǁforward__mutmut_{n}": _STRICT for n in (28, 32, 35)},
 }
 
 # mutmut's exit codes (mutmut.stats.status_by_exit_code), grouped the way docs/testing.md reports them.

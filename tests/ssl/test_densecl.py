@@ -228,3 +228,98 @@ def test_permuting_the_key_maps_locations_leaves_the_dense_loss_unchanged():
     torch.testing.assert_close(permuted["loss_dense"], plain, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(permuted["loss_global"], model(batch)["loss_global"])  # pooling ignores the order
     assert permuted["loss_dense"] > 0  # a real loss, with a queue of random negatives
+
+
+def test_defaults_are_densecls():
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(DenseCL).parameters.items()}
+    assert defaults == {
+        "backbone": "resnet50",
+        "dim": 128,
+        "hidden_dim": None,
+        "queue_size": 65536,
+        "dense_queue_size": None,
+        "dense_queue": "pooled",
+        "momentum": 0.999,
+        "temperature": 0.2,
+        "lambda_": 0.5,
+        "separate_heads": False,
+        "shuffle_bn": True,
+        "sync_bn": False,
+        "symmetric": False,
+        "small_images": False,
+        "split_bn_groups": 8,
+    }
+
+
+def test_settings_are_checked_with_exact_messages_and_their_edges_accepted():
+    for lambda_ in (0.0, 1.0):
+        assert _tiny_densecl(lambda_=lambda_).lambda_ == lambda_
+    assert _tiny_densecl(split_bn_groups=1).split_bn_groups == 1
+    for settings, message in (
+        ({"split_bn_groups": 0}, "split_bn_groups must be >= 1, got 0"),
+        ({"dense_queue": "all"}, "dense_queue must be one of ('pooled', 'locations'), got 'all'"),
+        ({"lambda_": 1.5}, "lambda_ must lie in [0, 1], got 1.5"),
+    ):
+        with pytest.raises(ValueError) as err:
+            _tiny_densecl(**settings)
+        assert str(err.value) == message
+
+
+def test_constructor_options_reach_the_networks():
+    plain = _tiny_densecl(hidden_dim=None)
+    assert plain.query_encoder.global_head.heads[0].fc1.out_features == 512  # the feature dim
+    assert len(plain.query_encoder.global_head.heads) == len(plain.query_encoder.dense_head.heads) == 1
+    assert plain.has_unused_parameters is False and plain.split_bn_groups == 8
+    assert plain.dense_queue.keys.shape == plain.queue.keys.shape == (64, DIM)  # dense size defaults to the queue's
+    assert _tiny_densecl(dense_queue_size=32).dense_queue.keys.shape == (32, DIM)
+    split = _tiny_densecl(separate_heads=True)
+    assert len(split.key_encoder.global_head.heads) == len(split.key_encoder.dense_head.heads) == 2
+    assert split.has_unused_parameters is True
+    synced = _tiny_densecl(sync_bn=True)
+    for encoder in (synced.query_encoder, synced.key_encoder):
+        norms = [m for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+    assert synced.split_bn_groups == 1  # SyncBN statistics span the global batch: no emulation
+    batch = _batch(0)
+    batch["views"].append(batch["views"][0])
+    batch["kinds"] = torch.cat([batch["kinds"], batch["kinds"][:, :1]], dim=1)
+    with pytest.raises(ValueError) as err:
+        plain(batch)
+    assert str(err.value) == "DenseCL takes two views, got 3"
+
+
+def test_dense_keys_by_hand():
+    grid = torch.randn(2, 3, 2, 2)
+    pooled = _tiny_densecl(dense_queue="pooled")._dense_keys(grid)
+    torch.testing.assert_close(pooled, torch.nn.functional.normalize(grid.mean(dim=(2, 3)), dim=1))
+    locations = _tiny_densecl(dense_queue="locations")._dense_keys(grid)
+    rows = [grid[b, :, i, j] / grid[b, :, i, j].norm() for b in range(2) for i in range(2) for j in range(2)]
+    torch.testing.assert_close(locations, torch.stack(rows))  # sample by sample, locations row-major
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_the_global_loss_and_the_queue_by_hand(symmetric):
+    """View 1 is the query and view 2 the key (and back, when symmetric); the queue gets the normalised keys."""
+    torch.manual_seed(0)
+    model = _tiny_densecl(symmetric=symmetric, shuffle_bn=False)
+    batch = _batch(0)
+    x, kinds = batch["views"], batch["kinds"]
+    directions = [(0, 1), (1, 0)] if symmetric else [(0, 1)]
+    negatives = model.queue.keys.clone()
+    with torch.no_grad():
+        model.eval()
+        out = model(batch)
+        losses, keys = [], []
+        for qv, kv in directions:
+            q = torch.nn.functional.normalize(model.query_encoder([x[qv]], kinds[:, [qv]])[0].embedding, dim=1)
+            k = torch.nn.functional.normalize(model.key_encoder([x[kv]], kinds[:, [kv]])[0].embedding, dim=1)
+            losses.append(info_nce(q, k, negatives, model.temperature))
+            keys.append(k)
+    torch.testing.assert_close(out["loss_global"], torch.stack(losses).mean())
+    with torch.no_grad():
+        model.train()
+        model.key_encoder.eval()  # the keys of the hand computation above
+        model(batch)
+    torch.testing.assert_close(model.queue.keys[: len(directions) * BATCH], torch.cat(keys))
