@@ -12,7 +12,19 @@ from tests.conftest import tiny_run_settings, write_run_yaml
 torch.set_num_threads(1)
 COUNT = re.compile(r"\b(\d+)/(\d+)\b")
 RATE = re.compile(r"(\d+\.\d+|\?)\s?(img|it|step|batch|epoch)/s|\d+\.\d+s/(img|it|step|batch|epoch)")
-LONG_JOBS = ["synth", "propose", "bing train", "pretrain", "linear", "supervised", "detect", "analyze coverage"]
+LONG_JOBS = [
+    "synth",
+    "propose",
+    "bing train",
+    "pretrain",
+    "linear",
+    "linear --protocol paper",
+    "knn",
+    "supervised",
+    "detect",
+    "analyze coverage",
+    "analyze recall",
+]
 
 
 def _commands(scenes, out) -> dict[str, tuple[list[str], str]]:
@@ -34,6 +46,11 @@ def _commands(scenes, out) -> dict[str, tuple[list[str], str]]:
             f"linear --checkpoint random:resnet18 {splits} --cache-dir {out}/cache --epochs 2 --lrs 0.1 --wds 0",
             "features",
         ),
+        "linear --protocol paper": (
+            f"linear --protocol paper --checkpoint random:resnet18 {splits} --paper-epochs 1 --batch-size 16",
+            "",
+        ),
+        "knn": (f"knn --checkpoint random:resnet18 {splits} --cache-dir {out}/knn-cache --k 3", "features"),
         "supervised": (
             f"supervised {splits} --out {out}/sup.pth --epochs 1 --batch-size 16 --probe-epochs 2",
             "supervised",
@@ -49,6 +66,7 @@ def _commands(scenes, out) -> dict[str, tuple[list[str], str]]:
             "--bootstrap 10",
             "coverage",
         ),
+        "analyze recall": (f"analyze recall {images} --annotations {train} --proposals {out}/store", ""),
     }
     return {name: (line.split(), desc) for name, (line, desc) in lines.items()}
 
@@ -56,7 +74,7 @@ def _commands(scenes, out) -> dict[str, tuple[list[str], str]]:
 @pytest.mark.parametrize("command", LONG_JOBS)
 def test_a_long_job_draws_a_bar_with_its_count_and_rate(command, tiny_scenes, tmp_path, capsys, restore_torch_globals):
     commands = _commands(tiny_scenes, tmp_path)
-    if command == "analyze coverage":
+    if command.startswith("analyze"):
         assert main([*commands["propose"][0], "--no-progress"]) == 0
     argv, desc = commands[command]
     capsys.readouterr()
