@@ -18,12 +18,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
-	$(BIN)/ruff check objcrop tests benchmarks
-	$(BIN)/ruff format --check objcrop tests benchmarks
+	$(BIN)/ruff check objcrop tests benchmarks tools
+	$(BIN)/ruff format --check objcrop tests benchmarks tools
 
 lint: $(STAMP)
-	$(BIN)/ruff check objcrop tests benchmarks
-	$(BIN)/ruff format --check objcrop tests benchmarks
+	$(BIN)/ruff check objcrop tests benchmarks tools
+	$(BIN)/ruff format --check objcrop tests benchmarks tools
 
 # Mutation testing of the core modules, one module at a time against its own tests (docs/testing.md); slow, not in
 # `make test`. MODULES="boxes metrics" runs some, MUTATE_ARGS=--no-ssl all but the ssl ones.
