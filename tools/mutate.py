@@ -107,6 +107,8 @@ EQUIVALENT: dict[str, str] = {
     "objcrop.evaluate.detection_metrics.x_ground_truth_from_records__mutmut_98": _INT64,
     "objcrop.evaluate.detection_metrics.x_ground_truth_from_records__mutmut_101": _INT64,
     "objcrop.ssl.moco.xǁKeyQueueǁ__init____mutmut_14": _DIM1,
+    "objcrop.ssl.moco.xǁKeyQueueǁ__init____mutmut_41": _TORCH_INT64,
+    "objcrop.ssl.moco.xǁKeyQueueǁ__init____mutmut_44": _TORCH_INT64,
     "objcrop.ssl.moco.xǁMoCoV2ǁforward__mutmut_24": _DIM1,
     **{f"objcrop.ssl.moco.xǁMoCoV2ǁ_in_batch_loss__mutmut_{n}": _STRICT for n in (11, 15, 16)},
     **{f"objcrop.ssl.moco.xǁMoCoV2ǁforward__mutmut_{n}": _STRICT for n in (50, 53, 54)},

@@ -194,19 +194,15 @@ def test_training_steps_reduce_the_loss():
 
 
 def test_defaults_are_byols():
-    import inspect
-
-    defaults = {k: p.default for k, p in inspect.signature(BYOL).parameters.items()}
-    assert defaults == {
-        "backbone": "resnet50",
-        "proj_hidden_dim": 4096,
-        "proj_dim": 256,
-        "pred_hidden_dim": 4096,
-        "separate_heads": False,
-        "base_tau": 0.996,
-        "sync_bn": False,
-        "small_images": False,
-    }
+    """Built with no arguments (a ResNet-50, about 2 s): the settings of the BYOL paper."""
+    model = BYOL()
+    assert (model.arch, model.small_images, model.base_tau) == ("resnet50", False, 0.996)
+    projector = model.online.head.heads[0]
+    assert (projector.fc1.in_features, projector.fc1.out_features, projector.fc2.out_features) == (2048, 4096, 256)
+    assert (model.predictor.fc1.in_features, model.predictor.fc1.out_features) == (256, 4096)
+    assert model.predictor.fc2.out_features == 256 and len(model.online.head.heads) == 1
+    assert model.has_unused_parameters is False
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
 
 
 def test_constructor_options_reach_the_networks():

@@ -464,25 +464,15 @@ def test_the_queue_remembers_each_keys_head_and_masks_the_other_heads_keys():
 
 
 def test_defaults_are_moco_v2s():
-    import inspect
-
-    defaults = {k: p.default for k, p in inspect.signature(MoCoV2).parameters.items()}
-    assert defaults == {
-        "backbone": "resnet50",
-        "dim": 128,
-        "hidden_dim": None,
-        "queue_size": 65536,
-        "momentum": 0.999,
-        "temperature": 0.2,
-        "separate_heads": False,
-        "shuffle_bn": True,
-        "sync_bn": False,
-        "symmetric": False,
-        "small_images": False,
-        "split_bn_groups": 8,
-        "negatives": "positive-head",
-    }
-    assert inspect.signature(KeyQueue).parameters["track_heads"].default is False
+    """Built with no arguments (a ResNet-50, about 2 s): the settings of the MoCo-v2 paper."""
+    model = MoCoV2()
+    assert (model.arch, model.small_images, model.momentum, model.temperature) == ("resnet50", False, 0.999, 0.2)
+    assert model.queue.keys.shape == (65536, 128) and model.queue.heads is None
+    assert model.query_encoder.head.heads[0].fc1.out_features == 2048  # hidden width: the feature dim
+    assert len(model.query_encoder.head.heads) == 1 and model.query_encoder.backbone.conv1.kernel_size == (7, 7)
+    assert (model.shuffle_bn, model.symmetric, model.split_bn_groups, model.mask_by_head) == (True, False, 8, False)
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    assert KeyQueue(4, 2).heads is None  # track_heads defaults to off
 
 
 def test_the_queue_starts_with_unit_random_keys_and_checks_its_size():
