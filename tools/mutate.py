@@ -116,6 +116,53 @@ EQUIVALENT: dict[str, str] = {
     "objcrop.ssl.moco.xǁMoCoV2ǁ_in_batch_loss__mutmut_25": _CPU,
     "objcrop.ssl.moco.xǁMoCoV2ǁforward__mutmut_93": _UNTRACKED,
     "objcrop.ssl.byol.xǁBYOLǁforward__mutmut_15": "views_and_kinds has checked that both views hold one batch size",
+    **{
+        f"objcrop.crops.policies.x_random_resized_crop_box__mutmut_{n}": (
+            "with a zero target both w and h are 0, and the other side's unmutated test still rejects the attempt"
+        )
+        for n in (46, 49)
+    },
+    "objcrop.crops.policies.x_random_resized_crop_box__mutmut_50": (
+        "h == rh needs a draw that hits the region's height exactly; where it does (a crop of the whole region, "
+        "scale 1), the fallback gives the same box"
+    ),
+    **{
+        f"objcrop.crops.policies.x_random_resized_crop_box__mutmut_{n}": (
+            "at in_ratio == the ratio bound, that branch's box is (rw, rh): the same as the else branch"
+        )
+        for n in (80, 85)
+    },
+    **{
+        f"objcrop.crops.policies.xǁViewPairPolicyǁ_usable__mutmut_{n}": (
+            "cleaning all proposals again gives the same first topk when the head already had topk usable ones"
+        )
+        for n in (10, 11, 12)
+    },
+    **{
+        f"objcrop.crops.policies.xǁViewPairPolicyǁusable_proposals__mutmut_{n}": (
+            "expand_to_min_size to 0 px is the identity, and of no box is no box"
+        )
+        for n in (8, 9)
+    },
+    "objcrop.crops.policies.xǁViewPairPolicyǁcalibrate__mutmut_12": "linspace(0, -1, 0) is empty, as [] is",
+    "objcrop.crops.policies.xǁViewPairPolicyǁcalibrate__mutmut_14": "the picks are rounded and read through int(i)",
+    "objcrop.crops.policies.xǁViewPairPolicyǁcalibrate__mutmut_57": "float('NAN') is float('nan')",
+    "objcrop.crops.policies.xǁViewPairPolicyǁsample__mutmut_4": "box is read only by object regions, for which it is set",
+    "objcrop.crops.policies.xǁViewPairPolicyǁsample__mutmut_66": "rng.random() == 0.5 exactly has probability 0",
+    "objcrop.crops.policies.xǁViewPairPolicyǁ__init____mutmut_61": (
+        "two kinds are always a strict subset of the four VIEW_KINDS"
+    ),
+    "objcrop.crops.policies.xǁViewPairPolicyǁ_object_scale__mutmut_25": (
+        "regions under 1.000001 px² give lo = min(cap, 0.2 W H / area) = cap either way for any image of 5 px² or more"
+    ),
+    **{
+        f"objcrop.crops.policies.xǁViewPairPolicyǁ_region__mutmut_{n}": (
+            "a scene region is the whole image, which growing to min_box_size (clamped to the image) leaves as it is"
+        )
+        for n in (12, 14, 15)
+    },
+    "objcrop.crops.policies.xǁViewPairPolicyǁ_region__mutmut_16": "expand_to_min_size to 0 px is the identity",
+    **{f"objcrop.crops.policies.xǁViewPairPolicyǁ_region__mutmut_{n}": _ULP for n in (28, 30)},
     "objcrop.ssl.heads.x_views_and_kinds__mutmut_17": _SAME_SIZE,
     **{f"objcrop.ssl.heads.x_views_and_kinds__mutmut_{n}": _TORCH_INT64 for n in (28, 32)},
     **{f"objcrop.ssl.heads.x_views_and_kinds__mutmut_{n}": _CPU for n in (29, 33, 36, 40, 42, 44)},

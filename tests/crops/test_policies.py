@@ -561,3 +561,82 @@ def test_per_region_lower_bound_is_scene_lo_times_image_over_region_area_capped(
     assert policy._object_scale(np.array([0, 0, 80, 50]), 100, 100) == pytest.approx((0.2 * 10000 / 4000, 1.0))
     assert policy._object_scale(np.array([0, 0, 10, 10]), 100, 100) == (0.9, 1.0)
     assert policy._object_scale(np.array([5, 5, 5, 5]), 100, 100) == (0.9, 1.0)  # a zero-area region: the cap
+
+
+def test_random_resized_crop_box_takes_each_attempts_aspect_from_its_own_draw():
+    region = np.array([0, 0, 100, 200], np.float32)
+    # Area 20000 x 0.5 = 10000, aspect exp(log 0.5 + log 4 x 0.25) = 1/sqrt(2): 84.09 x 118.92 at the origin.
+    crop = random_resized_crop_box(region, (0.25, 0.75), (0.5, 2.0), ScriptedRng([0.5, 0.25, 0.0, 0.0]))
+    w, h = math.sqrt(10000 / math.sqrt(2)), math.sqrt(10000 * math.sqrt(2))
+    np.testing.assert_allclose(crop, [0, 0, w, h], rtol=1e-5)
+
+
+def test_random_resized_crop_box_of_a_region_under_one_pixel():
+    tiny = np.array([0, 0, 0.8, 0.8], np.float32)  # a 0.57 px crop fits at the first attempt
+    crop = random_resized_crop_box(tiny, (0.5, 0.5), (1.0, 1.0), ScriptedRng([0.0, 0.0, 1.0, 1.0]))
+    side = math.sqrt(0.32)
+    np.testing.assert_allclose(crop, [0.8 - side, 0.8 - side, 0.8, 0.8], rtol=1e-5)
+    flat = np.array([0, 0, 2.0, 0.5], np.float32)  # ratio 4: nothing fits; the fallback uses the true ratio
+    crop = random_resized_crop_box(flat, (1.0, 1.0), (3 / 4, 4 / 3), ScriptedRng([]))
+    np.testing.assert_allclose(crop, [1 - 1 / 3, 0, 1 + 1 / 3, 0.5], rtol=1e-5)
+
+
+class _Uniform:
+    """``random()`` gives the listed numbers in turn (the shifted region draws radius, then angle)."""
+
+    def __init__(self, *draws: float) -> None:
+        self.draws = list(draws)
+
+    def random(self) -> float:
+        return self.draws.pop(0)
+
+
+def test_shifted_regions_move_by_the_drawn_radius_and_angle_and_stay_inside():
+    policy = ViewPairPolicy("obj-obj-shift", shift_radius=(80, 100))
+    step = 90 * math.cos(math.pi / 4)  # radius 80 + 20 x 0.5, angle 2 pi x 1/8
+    region = policy._raw_region("shifted", np.array([300, 300, 400, 350]), 1000, 1000, _Uniform(0.5, 0.125))
+    np.testing.assert_allclose(region, [300 + step, 300 + step, 400 + step, 350 + step])
+    region = policy._raw_region("shifted", np.array([300, 300, 400, 350]), 1000, 1000, _Uniform(0.5, 0.375))
+    np.testing.assert_allclose(region, [300 - step, 300 + step, 400 - step, 350 + step])  # angle 3 pi / 4
+    # Towards the top left corner (angle 5 pi / 4) the region stops at 0; towards the bottom right, at the edge.
+    region = policy._raw_region("shifted", np.array([10, 20, 110, 70]), 1000, 1000, _Uniform(0.5, 0.625))
+    np.testing.assert_allclose(region, [0, 0, 100, 50])
+    region = policy._raw_region("shifted", np.array([950, 960, 1000, 1000]), 1000, 1000, _Uniform(0.5, 0.125))
+    np.testing.assert_allclose(region, [950, 960, 1000, 1000])
+
+
+def test_dilated_regions_stop_at_the_image_border():
+    policy = ViewPairPolicy("obj-obj-dilate", delta=0.1)
+    region = policy._raw_region("dilated", np.array([50, 30, 150, 130]), 1000, 500, None)  # dx 100, dy 50
+    assert region == (0.0, 0.0, 250.0, 180.0)
+    region = policy._raw_region("dilated", np.array([900, 400, 980, 480]), 1000, 500, None)
+    assert region == (800.0, 350.0, 1000.0, 500.0)
+
+
+def test_the_scene_view_of_an_object_policy_keeps_the_scene_scale():
+    policy = ViewPairPolicy("obj-scene", object_scale=(0.95, 1.0), swap=False)
+    rng = np.random.default_rng(0)
+    pairs = [policy.sample(W, H, PROPOSALS, rng) for _ in range(200)]
+    assert all(p.kinds == ("object", "scene") and p.fallback is False for p in pairs)
+    scene = np.array([B.area(p.crops[1:])[0] / (W * H) for p in pairs])
+    assert scene.min() < 0.3  # the scene scale 0.2-1, not the object's fixed 0.95-1
+    assert policy.object_scale == (0.95, 1.0) and isinstance(policy.object_scale, tuple)
+    assert ViewPairPolicy("obj-scene", object_scale=[0.5, 1]).object_scale == (0.5, 1.0)
+
+
+def test_usable_proposals_keep_float32_boxes_of_the_minimum_size_and_drop_infinite_ones():
+    policy = ViewPairPolicy("obj-obj", min_proposal_size=2.0)
+    boxes = np.array([[10, 10, 12, 12], [0, 0, np.inf, 50], [5, 5, 6.9, 40], [20, 20, 60, 21.9]], np.float32)
+    kept = policy.usable_proposals(boxes, W, H)
+    assert kept.dtype == np.float32 and kept.tolist() == [[10, 10, 12, 12]]  # 2 x 2 is the minimum: kept
+
+
+def test_a_policy_table_entry_that_is_not_two_known_regions_is_refused(monkeypatch):
+    import objcrop.crops.policies as policies
+
+    monkeypatch.setitem(policies.POLICIES, "one", ("object",))
+    monkeypatch.setitem(policies.POLICIES, "odd", ("object", "blob"))
+    for name, kinds in (("one", "('object',)"), ("odd", "('object', 'blob')")):
+        with pytest.raises(ValueError) as err:
+            ViewPairPolicy(name)
+        assert str(err.value) == f"policy {name!r}: expected two regions of {VIEW_KINDS}, got {kinds}"
