@@ -147,7 +147,7 @@ EQUIVALENT: dict[str, str] = {
     "objcrop.crops.policies.xǁViewPairPolicyǁcalibrate__mutmut_12": "linspace(0, -1, 0) is empty, as [] is",
     "objcrop.crops.policies.xǁViewPairPolicyǁcalibrate__mutmut_14": "the picks are rounded and read through int(i)",
     "objcrop.crops.policies.xǁViewPairPolicyǁcalibrate__mutmut_57": "float('NAN') is float('nan')",
-    "objcrop.crops.policies.xǁViewPairPolicyǁsample__mutmut_4": "box is read only by object regions, for which it is set",
+    "objcrop.crops.policies.xǁViewPairPolicyǁsample__mutmut_4": "box is read only by object regions, which set it",
     "objcrop.crops.policies.xǁViewPairPolicyǁsample__mutmut_66": "rng.random() == 0.5 exactly has probability 0",
     "objcrop.crops.policies.xǁViewPairPolicyǁ__init____mutmut_61": (
         "two kinds are always a strict subset of the four VIEW_KINDS"
