@@ -1,7 +1,6 @@
 import struct
 import warnings
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from objcrop.data.images import (
     load_image,
     relative_image_paths,
 )
+from tests.conftest import SHARED_DATA, needs_shared_data
 
 
 def _halves(width: int, height: int) -> Image.Image:
@@ -262,10 +262,10 @@ def test_relative_image_paths_lists_images_recursively_and_sorted(tmp_path):
         relative_image_paths(tmp_path / "missing")
 
 
-COCO128_IMAGES = Path(__file__).resolve().parents[1].parent.parent / "shared" / "data" / "coco128" / "train2017"
+COCO128_IMAGES = SHARED_DATA / "coco128" / "train2017"
 
 
-@pytest.mark.skipif(not COCO128_IMAGES.is_dir(), reason="shared/data/coco128 not available")
+@needs_shared_data("coco128/train2017")
 def test_real_grayscale_coco_jpeg_loads_as_rgb():
     gray = [p for p in sorted(COCO128_IMAGES.glob("*.jpg")) if Image.open(p).mode == "L"]
     assert len(gray) == 1
