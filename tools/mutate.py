@@ -163,6 +163,30 @@ EQUIVALENT: dict[str, str] = {
     },
     "objcrop.crops.policies.xǁViewPairPolicyǁ_region__mutmut_16": "expand_to_min_size to 0 px is the identity",
     **{f"objcrop.crops.policies.xǁViewPairPolicyǁ_region__mutmut_{n}": _ULP for n in (28, 30)},
+    **{
+        f"objcrop.evaluate.metrics.{key}": "float('NAN') is float('nan')"
+        for key in (
+            "x_chance_level__mutmut_7",
+            "x_chance_level__mutmut_25",
+            "x_mean_average_precision__mutmut_21",
+            "x_top1_accuracy__mutmut_10",
+        )
+    },
+    "objcrop.evaluate.metrics.x_chance_level__mutmut_33": _RESHAPE,
+    "objcrop.evaluate.metrics.x_top1_accuracy__mutmut_5": _RESHAPE,
+    "objcrop.evaluate.metrics.x_mean_average_precision__mutmut_30": (
+        "sklearn's default average='macro' is the mean of the per-class APs, which this function then takes"
+    ),
+    **{
+        f"objcrop.evaluate.metrics.x_mean_average_precision__mutmut_{n}": (
+            "float32 to float64 is exact, so the ranking and its ties are the same; sklearn computes in float64"
+        )
+        for n in (5, 7)
+    },
+    "objcrop.ssl.losses.x__flatten_map__mutmut_2": "flatten(2) of a 3-D [B, C, N] tensor is the tensor",
+    "objcrop.ssl.losses.x_byol_loss__mutmut_10": "F.cosine_similarity's default dim is 1, the one given",
+    "objcrop.ssl.losses.x_info_nce_from_logits__mutmut_4": _CPU,
+    "objcrop.ssl.losses.x_info_nce_from_logits__mutmut_7": _CPU,
     "objcrop.ssl.heads.x_views_and_kinds__mutmut_17": _SAME_SIZE,
     **{f"objcrop.ssl.heads.x_views_and_kinds__mutmut_{n}": _TORCH_INT64 for n in (28, 32)},
     **{f"objcrop.ssl.heads.x_views_and_kinds__mutmut_{n}": _CPU for n in (29, 33, 36, 40, 42, 44)},

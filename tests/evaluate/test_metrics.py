@@ -151,3 +151,26 @@ def test_map_needs_two_dimensional_inputs_and_counts_evaluated_and_skipped_class
     # Integer scores are compared as numbers: a tie ranks both, AP of class 0 = (1/2 + 2/3) / 2.
     tied = mean_average_precision(np.array([[1], [0], [1]]), np.array([[1], [1], [0]]))[0]
     assert tied == pytest.approx(100 * (0.5 + 2 / 3) / 2)
+
+
+def test_chance_without_any_positive_is_nan_without_a_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mean of empty slice" on the way
+        assert np.isnan(chance_level("multi", np.zeros((4, 3), np.float32)))
+
+
+def test_single_label_metrics_take_labels_as_a_column_too():
+    column = np.array([[0], [1], [1], [2]])
+    assert chance_level("single", column) == 50.0
+    scores = np.eye(3)[[0, 1, 2, 2]]  # right, right, wrong, right
+    assert top1_accuracy(column, scores) == 75.0
+    assert top1_accuracy(np.array([2]), np.array([[0.1, 0.2, 0.7]])) == 100.0  # one sample is a valid split
+
+
+def test_a_class_with_a_single_positive_is_evaluated():
+    targets = np.array([[1, 0], [0, 1], [0, 1], [0, 0]])
+    scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.6], [0.1, 0.2]])
+    value, evaluated, skipped = mean_average_precision(targets, scores)
+    assert (value, evaluated, skipped) == (100.0, 2, 0)
