@@ -187,6 +187,56 @@ EQUIVALENT: dict[str, str] = {
     "objcrop.ssl.losses.x_byol_loss__mutmut_10": "F.cosine_similarity's default dim is 1, the one given",
     "objcrop.ssl.losses.x_info_nce_from_logits__mutmut_4": _CPU,
     "objcrop.ssl.losses.x_info_nce_from_logits__mutmut_7": _CPU,
+    **{f"objcrop.analysis.coverage.x_coverage__mutmut_{n}": _INT64 for n in (105, 108, 119, 121)},
+    **{
+        f"objcrop.analysis.coverage.x_coverage__mutmut_{n}": "the sums are float64 already (frac.sum() of float64)"
+        for n in (115, 117)
+    },
+    **{
+        f"objcrop.analysis.coverage.x_coverage__mutmut_{n}": "the policy's float32 crops are exact in float64"
+        for n in (62, 64)
+    },
+    "objcrop.analysis.coverage.x_coverage__mutmut_137": "astype(None) is float64, the dtype given",
+    **{
+        f"objcrop.analysis.coverage.x_coverage__mutmut_{n}": (
+            "covered(box) exceeds the box's area, or falls below 0, only by rounding: the clip guards the last bit"
+        )
+        for n in (91, 92, 99)
+    },
+    **{f"objcrop.analysis.coverage.x_coverage_table__mutmut_{n}": _STRICT for n in (44, 47, 50)},
+    **{f"objcrop.analysis.coverage.xǁUnionAreaǁ__init____mutmut_{n}": _STRICT for n in (73, 78, 79)},
+    **{f"objcrop.analysis.coverage.x_intersections__mutmut_{n}": _ULP for n in (9, 11)},
+    "objcrop.analysis.coverage.x_intersections__mutmut_13": _RESHAPE,
+    "objcrop.analysis.coverage.xǁUnionAreaǁ__init____mutmut_19": _ULP,
+    "objcrop.analysis.coverage.xǁUnionAreaǁcovered__mutmut_2": _ULP,
+    "objcrop.analysis.coverage.xǁUnionAreaǁcovered__mutmut_27": (
+        "the inclusion-exclusion sum is negative only by rounding: the clip guards the last bit"
+    ),
+    **{
+        f"objcrop.analysis.coverage.xǁUnionAreaǁ__init____mutmut_{n}": (
+            "x is clipped to the grid before the lookup, and no box lies left of (above) the first grid line, "
+            "since every box edge is one: starting the grid at 1 instead of 0 changes no cumulative area"
+        )
+        for n in (27, 34)
+    },
+    **{
+        f"objcrop.analysis.coverage.xǁUnionAreaǁ__init____mutmut_{n}": (
+            "a float 0/1 grid gives the same cumulative sums as a boolean one"
+        )
+        for n in (40, 42)
+    },
+    **{
+        f"objcrop.analysis.coverage.xǁUnionAreaǁ_cumulative__mutmut_{n}": (
+            "x is clipped to [xs[0], xs[-1]] first, so searchsorted(side='right') - 1 is never below 0"
+        )
+        for n in (24, 44)
+    },
+    **{
+        f"objcrop.analysis.coverage.xǁUnionAreaǁ_cumulative__mutmut_{n}": (
+            "the cumulative area is continuous: on a grid line both neighbouring cells interpolate to one value"
+        )
+        for n in (35, 55)
+    },
     "objcrop.ssl.heads.x_views_and_kinds__mutmut_17": _SAME_SIZE,
     **{f"objcrop.ssl.heads.x_views_and_kinds__mutmut_{n}": _TORCH_INT64 for n in (28, 32)},
     **{f"objcrop.ssl.heads.x_views_and_kinds__mutmut_{n}": _CPU for n in (29, 33, 36, 40, 42, 44)},

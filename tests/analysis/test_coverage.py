@@ -1,5 +1,7 @@
 import json
 import math
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -126,13 +128,36 @@ def test_images_without_gt_are_skipped_and_counted():
 
 def test_same_seed_same_result_and_validation():
     records = random_scenes(10, np.random.default_rng(1))
-    policy = ViewPairPolicy("obj-obj-dilate")
+    # dilate-dilate: the share varies from pair to pair (an object crop's intersection lies inside its object,
+    # so obj-* policies give 1 whatever the seed).
+    policy = ViewPairPolicy("dilate-dilate")
     a = coverage(records, records, policy, pairs_per_image=5, seed=3)
     b = coverage(records, records, policy, pairs_per_image=5, seed=3)
     assert a.to_dict() == b.to_dict()
     np.testing.assert_array_equal(a.fractions, b.fractions)
+    other = coverage(records, records, policy, pairs_per_image=5, seed=4)
+    assert not np.array_equal(other.fractions, a.fractions) and other.ci95 != a.ci95
+    assert coverage(records, records, policy, pairs_per_image=1).pairs_per_image == 1  # one pair is enough
     with pytest.raises(ValueError, match="pairs_per_image"):
         coverage(records, records, policy, pairs_per_image=0)
+
+
+def test_coverage_defaults_and_its_bar_and_log(capsys, caplog):
+    records = random_scenes(4, np.random.default_rng(1))
+    policy = ViewPairPolicy("dilate-dilate")
+    with caplog.at_level("INFO", logger="objcrop.analysis.coverage"):
+        default = coverage(records, records, policy)
+    assert capsys.readouterr().err == ""  # no bar unless asked
+    explicit = coverage(records, records, policy, pairs_per_image=50, seed=0, bootstrap=1000)
+    assert default.to_dict() == explicit.to_dict() and default.pairs_per_image == 50 and default.seed == 0
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("coverage dilate-dilate")]
+    pairs, images, seconds = re.match(
+        r"coverage dilate-dilate: (\d+) pairs on (\d+) images in ([\d.]+) s", line
+    ).groups()
+    assert (int(pairs), int(images)) == (200, 4) and float(seconds) < 600
+    coverage(records, records, policy, pairs_per_image=2, progress=True)
+    bar = capsys.readouterr().err
+    assert "coverage dilate-dilate" in bar and "4/4" in bar and "img/s" in bar
 
 
 def test_ci_contains_the_mean_and_shrinks_with_more_images():
@@ -317,9 +342,15 @@ def test_bootstrap_is_of_the_pooled_ratio_and_has_the_binomial_width():
 def test_bootstrap_drops_resamples_without_pairs_and_refuses_to_make_one_up():
     from objcrop.analysis.coverage import _bootstrap_ci
 
-    # Image 0 has no non-empty pair: a resample of it alone has no mean and is left out, not counted as 0.
-    lo, hi = _bootstrap_ci(np.array([0.0, 3.0]), np.array([0, 3]), 500, np.random.default_rng(1))
+    # Image 0 has no non-empty pair: a resample of it alone has no mean and is left out, not counted as 0,
+    # and quietly (0 / 0 is expected there).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lo, hi = _bootstrap_ci(np.array([0.0, 3.0]), np.array([0, 3]), 500, np.random.default_rng(1))
     assert (lo, hi) == (1.0, 1.0)
+    # One resample is an interval too: its only value at both ends.
+    lo, hi = _bootstrap_ci(np.array([1.0, 3.0]), np.array([2, 4]), 1, np.random.default_rng(1))
+    assert lo == hi and lo in (0.5, 0.75, 2 / 3)
     for resamples, counts in ((0, [1, 1]), (-1, [1, 1]), (100, [0, 0])):
         assert all(
             math.isnan(v) for v in _bootstrap_ci(np.ones(2), np.array(counts), resamples, np.random.default_rng())
@@ -377,3 +408,47 @@ def test_coverage_calibrates_a_paper_policy_and_records_its_settings():
     assert all(math.isnan(v) for v in result.ci95)  # bootstrap=0: no interval
     other = coverage(records, records, ViewPairPolicy("obj-obj-dilate", object_scale="paper"), 3, seed=6, bootstrap=0)
     assert not np.array_equal(other.fractions, result.fractions) or other.to_dict() != result.to_dict()
+
+
+def test_a_dataset_without_any_ground_truth_gives_empty_typed_results_quietly():
+    records = make_records([[], []])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = coverage(records, records, FixedPolicy([[0, 0, 100, 100], [0, 0, 100, 100]]), 3)
+    assert (result.pairs, result.images, result.images_without_gt) == (0, 0, 2)
+    assert math.isnan(result.mean_gt_fraction)
+    assert (result.fractions.dtype, result.fractions.shape) == (np.float32, (0,))
+    assert (result.image_index.dtype, result.image_index.shape) == (np.int64, (0,))
+
+
+def test_sub_pixel_intersections_and_boxes_count():
+    records = make_records([[[0, 0, 100, 100]]])
+    result = coverage(records, records, FixedPolicy([[0, 0, 10, 10], [9.5, 9, 20, 20]]), 2)  # 0.5 x 1 px
+    assert (result.pairs, result.skipped_empty) == (2, 0) and result.mean_gt_fraction == pytest.approx(1.0)
+    union = UnionArea(np.array([[2, 2, 3, 2.5]]), 10, 10)  # a 1 x 0.5 px box is a box
+    assert union.num_boxes == 1 and union.covered(np.array([[0, 0, 10, 10]]))[0] == pytest.approx(0.5)
+
+
+def test_union_area_accepts_a_one_pixel_image_and_refuses_a_flat_one():
+    assert UnionArea(np.array([[0, 0, 1, 1]]), 1, 1).covered(np.array([[0, 0, 1, 1]]))[0] == pytest.approx(1.0)
+    for width, height in ((1, 0), (0, 1)):
+        with pytest.raises(ValueError):
+            UnionArea(np.zeros((0, 4)), width, height)
+
+
+def test_union_area_of_rectangles_that_start_before_the_first_box():
+    union = UnionArea(np.array([[5, 5, 10, 10]]), 20, 20)
+    got = union.covered(np.array([[0, 0, 20, 20], [0, 0, 0.5, 20], [0, 0, 7, 7], [0.25, 0.25, 5, 5]]))
+    np.testing.assert_allclose(got, [25, 0, 4, 0])
+    near_the_edge = UnionArea(np.array([[0.5, 0.25, 5, 5]]), 20, 20)  # edges inside the image's first pixel
+    np.testing.assert_allclose(near_the_edge.covered(np.array([[0, 0, 5, 5], [0, 0, 2, 2]])), [4.5 * 4.75, 1.5 * 1.75])
+
+
+def test_bootstrap_interval_is_the_2_5_and_97_5_percentiles_of_the_resampled_ratio():
+    from objcrop.analysis.coverage import _bootstrap_ci
+
+    sums, counts = np.array([0.2, 1.5, 3.0, 0.1, 2.2]), np.array([1, 2, 4, 1, 3])
+    got = _bootstrap_ci(sums, counts, 300, np.random.default_rng(5))
+    idx = np.random.default_rng(5).integers(0, 5, size=(300, 5))  # one chunk: the same draws
+    expected = np.percentile(sums[idx].sum(1) / counts[idx].sum(1), [2.5, 97.5])
+    assert got == pytest.approx(tuple(expected))
