@@ -119,6 +119,14 @@ TINY_METHODS = {
 }
 
 
+def with_a_third_view(batch: dict) -> dict:
+    """``batch`` with its first view once more: a batch that the two-view methods must refuse."""
+    import torch
+
+    kinds = batch["kinds"]
+    return {"views": [*batch["views"], batch["views"][0]], "kinds": torch.cat([kinds, kinds[:, :1]], dim=1)}
+
+
 def tiny_method_config(name: str, **kwargs) -> dict:
     """The default pretraining config with a tiny ResNet-18 method ``name`` (small-image stem)."""
     from objcrop.ssl.config import DEFAULTS

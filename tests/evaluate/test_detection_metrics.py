@@ -140,25 +140,18 @@ def test_detection_on_an_unknown_image_is_an_error():
         coco_evaluate(ground_truth_from_records(records), stray)
 
 
+def _layout(d: Detections, k: int) -> bool:
+    """Whether ``d`` holds ``k`` detections as documented: int64 ids and labels, float32 boxes and scores."""
+    fields = [(f.dtype, f.shape) for f in (d.image_ids, d.boxes, d.scores, d.labels)]
+    return fields == [(np.int64, (k,)), (np.float32, (k, 4)), (np.float32, (k,)), (np.int64, (k,))]
+
+
 def test_empty_and_concatenated_detections_have_the_documented_dtypes_and_shapes():
     empty = Detections.empty()
-    fields = (empty.image_ids, empty.boxes, empty.scores, empty.labels)
-    assert [(f.dtype, f.shape) for f in fields] == [
-        (np.int64, (0,)),
-        (np.float32, (0, 4)),
-        (np.float32, (0,)),
-        (np.int64, (0,)),
-    ]
-    assert len(empty) == 0
+    assert _layout(empty, 0) and len(empty) == 0
     part = Detections(np.array([3], np.int32), np.array([[1, 2, 3, 4]]), np.array([0.5]), np.array([1], np.int32))
     joined = Detections.concatenate([part, Detections.empty(), part])
-    fields = (joined.image_ids, joined.boxes, joined.scores, joined.labels)
-    assert [(f.dtype, f.shape) for f in fields] == [
-        (np.int64, (2,)),
-        (np.float32, (2, 4)),
-        (np.float32, (2,)),
-        (np.int64, (2,)),
-    ]
+    assert _layout(joined, 2)
     assert joined.image_ids.tolist() == [3, 3] and joined.boxes[1].tolist() == [1, 2, 3, 4] and len(joined) == 2
     nothing = Detections.concatenate([])
     assert nothing.boxes.shape == (0, 4) and nothing.labels.dtype == np.int64

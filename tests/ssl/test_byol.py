@@ -8,6 +8,7 @@ import torch
 from objcrop.crops.policies import KIND_CODES
 from objcrop.ssl.byol import BYOL
 from objcrop.ssl.schedules import byol_tau
+from tests.conftest import with_a_third_view
 
 torch.set_num_threads(1)
 
@@ -219,9 +220,6 @@ def test_constructor_options_reach_the_networks():
         norms = [m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
     assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in plain.modules())
-    batch = _batch(0)
-    batch["views"].append(batch["views"][0])
-    batch["kinds"] = torch.cat([batch["kinds"], batch["kinds"][:, :1]], dim=1)
     with pytest.raises(ValueError) as err:
-        plain(batch)
+        plain(with_a_third_view(_batch(0)))
     assert str(err.value) == "BYOL takes two views, got 3"

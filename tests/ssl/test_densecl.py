@@ -8,6 +8,7 @@ from objcrop.crops.policies import KIND_CODES
 from objcrop.ssl.backbones import build_backbone
 from objcrop.ssl.densecl import DenseCL, DenseOutput
 from objcrop.ssl.losses import dense_correspondence, densecl_dense_loss, info_nce
+from tests.conftest import with_a_third_view
 
 torch.set_num_threads(1)
 
@@ -272,11 +273,8 @@ def test_constructor_options_reach_the_networks():
         norms = [m for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
     assert synced.split_bn_groups == 1  # SyncBN statistics span the global batch: no emulation
-    batch = _batch(0)
-    batch["views"].append(batch["views"][0])
-    batch["kinds"] = torch.cat([batch["kinds"], batch["kinds"][:, :1]], dim=1)
     with pytest.raises(ValueError) as err:
-        plain(batch)
+        plain(with_a_third_view(_batch(0)))
     assert str(err.value) == "DenseCL takes two views, got 3"
 
 

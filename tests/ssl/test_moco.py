@@ -14,6 +14,7 @@ from objcrop.ssl.distributed import batch_shuffle, batch_unshuffle, concat_all_g
 from objcrop.ssl.heads import KindRoutedHead, MLPHead, views_and_kinds
 from objcrop.ssl.moco import KeyQueue, MoCoV2
 from objcrop.ssl.reference import reference_moco_v2_step
+from tests.conftest import with_a_third_view
 
 torch.set_num_threads(1)
 
@@ -502,11 +503,8 @@ def test_constructor_options_reach_the_networks():
     with pytest.raises(ValueError) as err:
         _tiny_moco(negatives="some")
     assert str(err.value) == "negatives must be one of positive-head, all, got 'some'"
-    batch = _batch(0)
-    batch["views"].append(batch["views"][0])
-    batch["kinds"] = torch.cat([batch["kinds"], batch["kinds"][:, :1]], dim=1)
     with pytest.raises(ValueError) as err:
-        plain(batch)
+        plain(with_a_third_view(_batch(0)))
     assert str(err.value) == "MoCo-v2 takes two views, got 3"
 
 
