@@ -187,6 +187,12 @@ EQUIVALENT: dict[str, str] = {
     "objcrop.ssl.losses.x_byol_loss__mutmut_10": "F.cosine_similarity's default dim is 1, the one given",
     "objcrop.ssl.losses.x_info_nce_from_logits__mutmut_4": _CPU,
     "objcrop.ssl.losses.x_info_nce_from_logits__mutmut_7": _CPU,
+    **{
+        f"objcrop.analysis.coverage.x__bootstrap_ci__mutmut_{n}": (
+            "a resample without pairs has num 0 as well: its 0 / 0 is 'invalid', never 'divide'"
+        )
+        for n in (47, 49)
+    },
     **{f"objcrop.analysis.coverage.x_coverage__mutmut_{n}": _INT64 for n in (105, 108, 119, 121)},
     **{
         f"objcrop.analysis.coverage.x_coverage__mutmut_{n}": "the sums are float64 already (frac.sum() of float64)"

@@ -150,6 +150,7 @@ def test_coverage_defaults_and_its_bar_and_log(capsys, caplog):
     assert capsys.readouterr().err == ""  # no bar unless asked
     explicit = coverage(records, records, policy, pairs_per_image=50, seed=0, bootstrap=1000)
     assert default.to_dict() == explicit.to_dict() and default.pairs_per_image == 50 and default.seed == 0
+    assert default.ci95 == explicit.ci95  # unrounded: 1000 resamples, not some other number
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("coverage dilate-dilate")]
     pairs, images, seconds = re.match(
         r"coverage dilate-dilate: (\d+) pairs on (\d+) images in ([\d.]+) s", line
