@@ -143,7 +143,7 @@ def test_same_seed_same_result_and_validation():
 
 
 def test_coverage_defaults_and_its_bar_and_log(capsys, caplog):
-    records = random_scenes(4, np.random.default_rng(1))
+    records = random_scenes(12, np.random.default_rng(1))  # enough images for distinct resampled ratios
     policy = ViewPairPolicy("dilate-dilate")
     with caplog.at_level("INFO", logger="objcrop.analysis.coverage"):
         default = coverage(records, records, policy)
@@ -155,10 +155,10 @@ def test_coverage_defaults_and_its_bar_and_log(capsys, caplog):
     pairs, images, seconds = re.match(
         r"coverage dilate-dilate: (\d+) pairs on (\d+) images in ([\d.]+) s", line
     ).groups()
-    assert (int(pairs), int(images)) == (200, 4) and float(seconds) < 600
+    assert (int(pairs), int(images)) == (600, 12) and float(seconds) < 600
     coverage(records, records, policy, pairs_per_image=2, progress=True)
     bar = capsys.readouterr().err
-    assert "coverage dilate-dilate" in bar and "4/4" in bar and "img/s" in bar
+    assert "coverage dilate-dilate" in bar and "12/12" in bar and "img/s" in bar
 
 
 def test_ci_contains_the_mean_and_shrinks_with_more_images():
