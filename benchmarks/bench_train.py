@@ -10,7 +10,8 @@ real two-view batches, it times
 - the loader: the trainer's DataLoader (object-aware crops, ``--workers`` processes) producing
   view pairs, timed alone from the creation of the iterator to the last batch.
 
-Before timing it checks that both steps compute the same loss on the same inputs in fp32. Repeats
+Before timing it checks that both steps compute the same loss on the same inputs in fp32 (with the
+single-process shuffle-BN emulation off, which the pseudocode lacks; the timed step keeps it, as training does). Repeats
 are interleaved (ours, reference, loader in a shuffled order each round); the table shows medians
 and the median of the per-round ratio. On a machine shared with other jobs the numbers are noisy:
 compare the ratio rather than the absolute rates.
@@ -105,6 +106,7 @@ def reference_setup(trainer: Trainer, kinds: torch.Tensor):
 def check_same_loss(trainer: Trainer, batch: dict) -> float:
     """|our fp32 loss - reference loss| on the same weights, queue and inputs."""
     model = copy.deepcopy(trainer.method).to(memory_format=torch.contiguous_format).train()
+    model.split_bn_groups = 1  # the pseudocode has no single-process shuffle-BN emulation: compare without it
     views, kinds = batch["views"], batch["kinds"]
     ours = model({"views": views, "kinds": kinds})["loss"].item()
     f_q, f_k, queue, optimizer = reference_setup(trainer, kinds[:, :1])
