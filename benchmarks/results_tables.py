@@ -173,7 +173,15 @@ def demo_table(result: dict) -> str:
 def crops_table(result: dict) -> str:
     """``benchmarks/bench_crops.py --json``: two-view samples per second and the ratio to the baseline."""
     rows = [[r["pipeline"], f"{r['img_per_s']:.1f}", f"{r['ratio']:.3f}"] for r in result["rows"]]
-    return _table(["pipeline", "images/s", f"ratio to {result['baseline']}"], rows)
+    table = _table(["pipeline", "images/s", f"ratio to {result['baseline']}"], rows)
+    if result.get("blur_ms"):  # files from before the blur comparison was kept have none
+        base = result["blur_ms"][0]["ms"]
+        blur = [[b["what"], f"{b['ms']:.2f}", f"{b['ms'] / base:.1f}"] for b in result["blur_ms"]]
+        size = result.get("settings", {}).get("size", "")
+        table += "\n\n" + _table(
+            [f"Gaussian blur of one {size} px view", "ms", f"x {result['blur_ms'][0]['what']}"], blur
+        )
+    return table
 
 
 def _ms(value: float) -> str:
