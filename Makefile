@@ -26,7 +26,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check objcrop tests benchmarks tools
 
 # Mutation testing of the core modules, one module at a time against its own tests (docs/testing.md); slow, not in
-# `make test`. MODULES="boxes metrics" runs some, MUTATE_ARGS=--no-ssl all but the ssl ones.
+# `make test`. Each result goes to docs/mutation/<module>.json and the table in docs/testing.md.
+# MODULES="boxes metrics" runs some, MUTATE_ARGS=--no-ssl all but the ssl ones.
 $(VENV)/.mutate-installed: $(STAMP)
 	$(BIN)/pip install -e '.[mutate]'
 	touch $@
