@@ -14,7 +14,7 @@ RECORDS = mutate.load_records()
 
 def test_the_table_in_testing_md_is_the_rendering_of_the_records():
     text = mutate.TESTING_MD.read_text(encoding="utf-8")
-    assert mutate.write_table(text) == text, "run: python tools/mutate.py --table"
+    assert mutate.with_table(text) == text, "run: python tools/mutate.py --table"
 
 
 def test_every_record_is_of_a_known_module_and_every_file_is_read():

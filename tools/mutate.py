@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 
 try:
     import tomllib
@@ -40,6 +41,8 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 from datetime import datetime, timezone
 from pathlib import Path
+
+from objcrop.io import write_json_atomic, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".mutmut"
@@ -399,9 +402,7 @@ def record(name: str, summary: dict, work: Path) -> Path:
     kept = {**summary, "survivor_diffs": {key: survivor_diff(work, key) for key in summary["survived"]}}
     RECORDS.mkdir(parents=True, exist_ok=True)
     path = RECORDS / f"{name}.json"
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(partial, path)
+    write_json_atomic(path, kept, indent=2, ensure_ascii=False)
     return path
 
 
@@ -415,14 +416,12 @@ def load_records() -> dict[str, dict]:
 def _function(key: str) -> str:
     """``Class.method`` or ``function`` of a mutant name (``pkg.mod.xǁCǁm__mutmut_3``, ``pkg.mod.x_f__mutmut_3``)."""
     name = key.rsplit(".", 1)[-1].rsplit("__mutmut_", 1)[0]
-    return ".".join(part for part in name.split("ǁ")[1:]) if "ǁ" in name else name[2:]
+    return ".".join(name.split("ǁ")[1:]) if "ǁ" in name else name[2:]
 
 
 def survivors_by_function(keys: list[str]) -> str:
     """``f 3, C.m 2``: where the survivors are, most first."""
-    counts: dict[str, int] = {}
-    for key in keys:
-        counts[_function(key)] = counts.get(_function(key), 0) + 1
+    counts = Counter(_function(key) for key in keys)
     return ", ".join(f"`{f}` {n}" for f, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
@@ -446,14 +445,15 @@ def render_table(records: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def write_table(text: str | None = None) -> str:
-    """docs/testing.md with the table between its markers rendered again (written when ``text`` is None)."""
-    current = TESTING_MD.read_text(encoding="utf-8") if text is None else text
-    start, end = current.index(TABLE_START) + len(TABLE_START), current.index(TABLE_END)
-    updated = current[:start] + "\n" + render_table(load_records()) + "\n" + current[end:]
-    if text is None:
-        TESTING_MD.write_text(updated, encoding="utf-8")
-    return updated
+def with_table(text: str) -> str:
+    """``text`` (docs/testing.md) with the table between its markers rendered again from the records."""
+    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+    return text[:start] + "\n" + render_table(load_records()) + "\n" + text[end:]
+
+
+def write_table() -> None:
+    """Renders docs/testing.md's table again, in place."""
+    write_text_atomic(TESTING_MD, with_table(TESTING_MD.read_text(encoding="utf-8")))
 
 
 def rescore(name: str) -> dict:
