@@ -353,10 +353,9 @@ class Trainer:
                 f"checkpoint was written by {state['world_size']} processes, this run has {self.env.world_size}; "
                 "exact resumption needs the same number"
             )
-        self.method.load_state_dict(state["model"])
-        own = state.get("rank_buffers", [{}] * self.env.world_size)[self.env.rank]  # absent before 2026-12-04
-        if own:
-            self.method.load_state_dict(own, strict=False)
+        # This rank's own BatchNorm statistics over the main rank's ("rank_buffers" is absent before 2026-12-04).
+        own = state.get("rank_buffers", [{}] * self.env.world_size)[self.env.rank]
+        self.method.load_state_dict({**state["model"], **own})
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._keep_auto_precision(state.get("precision"))
@@ -374,7 +373,7 @@ class Trainer:
     def _own_buffers(self) -> dict[str, torch.Tensor]:
         """This rank's BatchNorm running statistics (on the CPU, for the all-gather)."""
         running = ("running_mean", "running_var", "num_batches_tracked")
-        return {k: v.detach().cpu() for k, v in self.method.state_dict().items() if k.endswith(running)}
+        return {k: v.detach().cpu() for k, v in self.method.named_buffers() if k.endswith(running)}
 
     def _make_scaler(self) -> torch.amp.GradScaler:
         """A grad scaler, enabled for fp16 only (bf16 and fp32 need none)."""
