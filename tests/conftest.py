@@ -8,6 +8,7 @@ them reads a file it did not write; torch is imported only by the factories that
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -206,6 +207,18 @@ def _tiny_method_fixture():
 
 
 # ---------------------------------------------------------------------- tiny training runs
+
+
+def as_overrides(settings: dict) -> list[str]:
+    """``settings`` (dotted key -> value) as ``key=value`` overrides, the values written as JSON (YAML reads it)."""
+    return [f"{k}={json.dumps(v)}" for k, v in settings.items()]
+
+
+def run_config(settings: dict) -> dict:
+    """The validated training config of the defaults with ``settings`` over them."""
+    from objcrop.ssl.config import load_config
+
+    return load_config(None, as_overrides(settings))
 
 
 def tiny_run_settings(scenes: Path, out: Path, method: str = "moco", **extra) -> dict:

@@ -4,7 +4,6 @@ make of one sample (PSNR with augmentations off), and training with ``crops.augm
 (every method, view kinds, exact resumption, config checks)."""
 
 import csv
-import json
 import logging
 import math
 import os
@@ -33,7 +32,7 @@ from objcrop.proposals import open_proposals
 from objcrop.ssl.checkpoint import load_checkpoint
 from objcrop.ssl.config import ConfigError, load_config
 from objcrop.ssl.trainer import Trainer, pretrain
-from tests.conftest import SHARED_DATA, needs_shared_data, tiny_run_settings
+from tests.conftest import SHARED_DATA, needs_shared_data, run_config, tiny_run_settings
 
 COCO = SHARED_DATA / "coco128"
 
@@ -206,7 +205,7 @@ def tiny_config(scenes: Path, out: Path, method: str = "moco", **extra) -> dict:
     """A deterministic fp32 CPU run on the device path: ResNet-18 at 32 px, batch 8, 2 epochs of 6 steps."""
     device = {"crops.augment_on": "device", "crops.augment": "byol" if method == "byol" else "moco-v2"}
     settings = tiny_run_settings(scenes, out, method, **{**device, **extra})
-    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()])
+    return run_config(settings)
 
 
 def final_model(out: Path) -> dict:

@@ -24,6 +24,7 @@ from objcrop.proposals import ProposalStore
 from objcrop.ssl.checkpoint import load_checkpoint
 from objcrop.ssl.config import load_config
 from objcrop.ssl.trainer import Trainer, _collate, pretrain
+from tests.conftest import as_overrides
 
 pytest.importorskip("webdataset")
 
@@ -200,7 +201,7 @@ def settings(shards: Path, out: Path, **extra) -> list[str]:
         "train.progress": False,
         **extra,
     }
-    return [f"{k}={json.dumps(v)}" for k, v in values.items()]
+    return as_overrides(values)
 
 
 def log_losses(out: Path) -> list[str]:

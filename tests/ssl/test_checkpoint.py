@@ -1,7 +1,6 @@
 """Checkpoints: atomic writes, keep-last-k, weights-only loading, falling back past damaged files,
 the folder checked up front and the temp files of killed saves removed."""
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -12,9 +11,9 @@ import torch
 from objcrop.data.synth import synthesize
 from objcrop.io import atomic_open, atomic_torch_save
 from objcrop.ssl.checkpoint import Checkpointer, load_checkpoint
-from objcrop.ssl.config import load_config
 from objcrop.ssl.errors import CheckpointError
 from objcrop.ssl.trainer import pretrain
+from tests.conftest import run_config
 
 
 def state(step: int) -> dict:
@@ -115,7 +114,7 @@ def test_training_resumes_from_the_previous_checkpoint_when_the_newest_is_trunca
         "train.tensorboard": False,
         "train.progress": False,
     }
-    config = load_config(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()])
+    config = run_config(settings)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
         pretrain(config)

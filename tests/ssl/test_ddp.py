@@ -34,6 +34,7 @@ import torch
 from objcrop.data.synth import synthesize
 from objcrop.ssl.config import load_config
 from objcrop.ssl.trainer import Trainer
+from tests.conftest import as_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -89,10 +90,6 @@ def _settings(tmp_path: Path) -> dict:
     }
 
 
-def _overrides(settings: dict) -> list[str]:
-    return [f"{k}={json.dumps(v)}" for k, v in settings.items()]
-
-
 def _torchrun(script: str, tmp_path: Path, args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     """``script`` under ``torchrun --nproc_per_node 2`` (gloo on the CPU) with ``args``."""
     path = tmp_path / f"script-{abs(hash(script))}.py"
@@ -109,7 +106,7 @@ def _torchrun(script: str, tmp_path: Path, args: list[str], env: dict | None = N
 
 
 def test_two_gloo_processes_with_shuffle_bn_track_one_process(tmp_path):
-    overrides = _overrides(_settings(tmp_path))
+    overrides = as_overrides(_settings(tmp_path))
     ddp_out = tmp_path / "ddp"
     done = _torchrun(SCRIPT, tmp_path, [*overrides, f"train.out={ddp_out}"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -183,14 +180,14 @@ def test_two_processes_interrupted_and_resumed_equal_the_uninterrupted_run_rank_
     running statistics included, which differ between the ranks)."""
     settings = {**_settings(tmp_path), "optim.max_steps": 5, "train.checkpoint_every_steps": 2, "train.keep_last": 9}
     reference, run = tmp_path / "reference", tmp_path / "run"
-    done = _torchrun(RESUME_SCRIPT, tmp_path, [*_overrides(settings), f"train.out={reference}"], {"RUN": "ref"})
+    done = _torchrun(RESUME_SCRIPT, tmp_path, [*as_overrides(settings), f"train.out={reference}"], {"RUN": "ref"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     stopped = _torchrun(
-        RESUME_SCRIPT, tmp_path, [*_overrides(settings), f"train.out={run}"], {"RUN": "first", "INTERRUPT_AT": "2"}
+        RESUME_SCRIPT, tmp_path, [*as_overrides(settings), f"train.out={run}"], {"RUN": "first", "INTERRUPT_AT": "2"}
     )
     assert stopped.returncode != 0 and "KeyboardInterrupt" in stopped.stderr
     assert not (run / "final-rank0.pt").exists()
-    done = _torchrun(RESUME_SCRIPT, tmp_path, [*_overrides(settings), f"train.out={run}"], {"RUN": "resumed"})
+    done = _torchrun(RESUME_SCRIPT, tmp_path, [*as_overrides(settings), f"train.out={run}"], {"RUN": "resumed"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     checkpoint = torch.load(run / "checkpoints" / "ckpt-00000002.pt", weights_only=True)

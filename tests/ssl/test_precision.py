@@ -1,14 +1,11 @@
 """train.precision: what ``auto`` resolves to per device and CPU, the grad scaler it enables, and channels_last."""
 
-import json
-
 import pytest
 import torch
 
 import objcrop.ssl.trainer as trainer_module
-from objcrop.ssl.config import load_config
 from objcrop.ssl.trainer import Trainer, _cpu_has_bf16, _resolve_precision
-from tests.conftest import tiny_run_settings
+from tests.conftest import run_config, tiny_run_settings
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 
@@ -65,7 +62,7 @@ def test_a_machine_without_proc_cpuinfo_has_no_native_bf16(tmp_path):
 def _trainer(scenes, out, monkeypatch, dtype=None, **extra) -> Trainer:
     monkeypatch.setattr(trainer_module, "_resolve_precision", lambda precision, device: dtype)
     settings = tiny_run_settings(scenes, out, "moco", **extra)
-    return Trainer(load_config(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()]))
+    return Trainer(run_config(settings))
 
 
 @pytest.mark.parametrize(("dtype", "enabled"), [(torch.float16, True), (torch.bfloat16, False), (None, False)])

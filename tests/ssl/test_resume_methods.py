@@ -4,16 +4,14 @@ resumed from the checkpoint, a run ends tensor-equal to the uninterrupted one. T
 is covered by tests/ssl/test_trainer.py and tests/test_fault_injection.py (MoCo)."""
 
 import csv
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from objcrop.ssl.checkpoint import load_checkpoint
-from objcrop.ssl.config import load_config
 from objcrop.ssl.trainer import Trainer, pretrain
-from tests.conftest import tiny_run_settings
+from tests.conftest import run_config, tiny_run_settings
 
 STEPS, INTERRUPT_AT = 4, 2  # checkpoint after step 2, interrupted during step 3
 
@@ -25,7 +23,7 @@ def _torch_globals(restore_torch_globals):
 
 def _config(scenes: Path, out: Path, method: str, **extra) -> dict:
     settings = tiny_run_settings(scenes, out, method, **{"optim.max_steps": STEPS, **extra})
-    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()])
+    return run_config(settings)
 
 
 def _losses(out: Path) -> list[tuple[str, str, str]]:

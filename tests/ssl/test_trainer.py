@@ -27,7 +27,7 @@ from objcrop.ssl.errors import NonFiniteLossError
 from objcrop.ssl.moco import MoCoV2
 from objcrop.ssl.monitors import Monitor
 from objcrop.ssl.trainer import Trainer, pretrain
-from tests.conftest import tiny_run_settings, write_run_yaml
+from tests.conftest import run_config, tiny_run_settings, write_run_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,7 +48,7 @@ tiny_settings = tiny_run_settings
 
 def tiny_config(scenes: Path, out: Path, method: str = "moco", **extra) -> dict:
     settings = tiny_settings(scenes, out, method, **extra)
-    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()])
+    return run_config(settings)
 
 
 def log_rows(out: Path) -> list[dict]:
