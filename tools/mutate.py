@@ -365,7 +365,10 @@ def summarize(name: str, statuses: dict[str, str], seconds: float) -> dict:
 
 
 def _commit() -> str:
-    """HEAD's short hash, with `` (with uncommitted changes)`` where objcrop/ or tests/ differ from it."""
+    """HEAD's short hash, with `` (with uncommitted changes)`` where objcrop/ or tests/ differ from it.
+
+    Unlike objcrop's ``git_commit`` (result files), only the code and tests count, untracked files included:
+    they are what mutmut copies, while a run with ``--record`` itself changes docs/ between modules."""
     git = ["git", "-C", str(ROOT)]
     head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run([*git, "status", "--porcelain", "--", "objcrop", "tests"], capture_output=True, text=True)
